@@ -1,0 +1,124 @@
+"""YAML configs validated into typed objects.
+
+A job config is a pydantic model (sections nested as models, ``extra="forbid"`` everywhere), so an
+unknown key, a wrong type or an impossible value fails at load time, before any Ray call, with one
+line naming the file and the key. Command-line ``key.sub=value`` overrides are applied before
+validation. Defaults live only in the schema classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from engine import storage
+from engine.errors import ConfigError
+from engine.storage import StorageConfig
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class JobConfig(Section):
+    """Keys every job config has."""
+
+    run_dir: str = Field(description="Where all outputs of the job go: a local path or a URL (s3://bucket/prefix).")
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``data.image_size=32`` -> (["data", "image_size"], 32). Values are parsed as YAML scalars/lists."""
+    if "=" not in item:
+        raise ConfigError(f"command line: expected key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"command line: bad key in {item!r}")
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"command line: {'.'.join(path)}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def read_yaml(path: str, storage_config: StorageConfig | None = None) -> dict[str, Any]:
+    text = storage.read_bytes(path, storage_config).decode()
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} not valid YAML ({getattr(err, 'problem', err)})") from err
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    return raw
+
+
+def _describe(error: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    if error["type"] == "missing":
+        return f"{key}: required key is missing"
+    got = error.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{key}: {error['msg']}{shown}"
+
+
+def validate(schema: type[ConfigT], raw: dict[str, Any], source: str, overrides: Sequence[str] = ()) -> ConfigT:
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as err:
+        errors = err.errors()
+        first = errors[0]
+        overridden = {item.split("=", 1)[0] for item in overrides}
+        key = ".".join(str(p) for p in first["loc"])
+        origin = "command line" if key in overridden else source
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise ConfigError(f"{origin}: {_describe(first)}{more}") from None
+
+
+def load_config(schema: type[ConfigT], path: str | None, overrides: Sequence[str] = ()) -> ConfigT:
+    """Read ``path`` (YAML; optional), apply ``key=value`` overrides and validate into ``schema``."""
+    raw = read_yaml(path) if path else {}
+    raw = apply_overrides(raw, overrides)
+    return validate(schema, raw, path or "command line", overrides)
+
+
+def to_yaml(config: BaseModel) -> str:
+    """The resolved config as YAML, secrets masked, ready to save beside a run's results."""
+    data = config.model_dump(mode="json")
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def split_config_args(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """``[config.yaml] [key=value ...]`` -> (config path or None, overrides)."""
+    args = list(argv)
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return None, args

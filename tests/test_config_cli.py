@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from pydantic import Field
+
+from engine import cli
+from engine.config import JobConfig, Section, load_config, to_yaml
+from engine.errors import ConfigError
+
+
+class _Distill(Section):
+    ipc: int = Field(10, ge=1)
+    lr: float = 0.01
+
+
+class _Job(JobConfig):
+    distill: _Distill = Field(default_factory=_Distill)
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_valid_config_with_overrides(tmp_path):
+    path = _write(tmp_path, "run_dir: runs/a\ndistill:\n  ipc: 3\n")
+    config = load_config(_Job, path, ["distill.lr=1e-3", "run_dir=s3://bucket/x"])
+    assert config.distill.ipc == 3
+    assert config.distill.lr == pytest.approx(1e-3)
+    assert config.run_dir == "s3://bucket/x"
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "expected"),
+    [
+        ("run_dir: r\ndistill: {ipc: 0}\n", [], "job.yaml: distill.ipc: Input should be greater than or equal to 1"),
+        ("run_dir: r\ndistill: {ipcs: 2}\n", [], "job.yaml: distill.ipcs: unknown key"),
+        ("run_dir: r\ndistill: {ipc: ten}\n", [], "job.yaml: distill.ipc: Input should be a valid integer"),
+        ("distill: {ipc: 2}\n", [], "job.yaml: run_dir: required key is missing"),
+        ("run_dir: r\n", ["distill.bogus=1"], "command line: distill.bogus: unknown key"),
+        ("run_dir: r\n", ["distill.ipc"], "command line: expected key=value"),
+        ("run_dir: [unclosed\n", [], "job.yaml: line 2 not valid YAML"),
+        ("- a\n- b\n", [], "top level must be a mapping"),
+    ],
+)
+def test_bad_config_is_one_clear_line(tmp_path, text, overrides, expected):
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(_Job, path, overrides)
+    message = str(err.value)
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_secrets_are_masked_in_resolved_config(tmp_path):
+    path = _write(tmp_path, "run_dir: r\nstorage: {s3_secret_access_key: hunter2, s3_access_key_id: AKIA123}\n")
+    text = to_yaml(load_config(_Job, path))
+    assert "hunter2" not in text and "AKIA123" not in text
+
+
+def test_cli_help_lists_jobs(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for name in cli.JOBS:
+        assert name in out
+
+
+def test_unknown_job_fails(capsys):
+    assert cli.main(["nope"]) == 2
+    assert "unknown job 'nope'" in capsys.readouterr().err
+
+
+def test_console_script_help():
+    """The installed `distill` entry point works in a fresh process."""
+    out = subprocess.run([sys.executable, "-m", "engine.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "shard" in out.stdout
