@@ -80,14 +80,17 @@ def read_yaml(path: str, storage_config: StorageConfig | None = None) -> dict[st
 
 
 def _describe(error: dict[str, Any]) -> str:
-    key = ".".join(str(p) for p in error["loc"]) or "(top level)"
+    key = ".".join(str(p) for p in error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
+    if not key:  # a check across sections names its keys itself
+        return message
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key"
     if error["type"] == "missing":
         return f"{key}: required key is missing"
     got = error.get("input")
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"{key}: {error['msg']}{shown}"
+    return f"{key}: {message}{shown}"
 
 
 def validate(schema: type[ConfigT], raw: dict[str, Any], source: str, overrides: Sequence[str] = ()) -> ConfigT:

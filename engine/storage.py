@@ -99,8 +99,15 @@ def _storage_errors(url: str) -> Iterator[None]:
         raise
 
 
+def _fresh(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Object-store filesystems cache listings; forget them so files written by other processes are seen."""
+    if not _is_local(fs):
+        fs.invalidate_cache(path)
+
+
 def exists(url: str, storage: StorageConfig | None = None) -> bool:
     fs, path = filesystem(url, storage)
+    _fresh(fs, path)
     with _storage_errors(url):
         return fs.exists(path)
 
@@ -125,6 +132,7 @@ def list_files(url: str, storage: StorageConfig | None = None, suffix: str = "")
     Hidden files (temporary files of writes in progress start with '.') are never listed.
     """
     fs, path = filesystem(url, storage)
+    _fresh(fs, path)
     with _storage_errors(url):
         if not fs.isdir(path):
             raise StorageError(f"{redact(url)}: not a directory")

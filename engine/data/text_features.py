@@ -1,0 +1,61 @@
+"""Caption features of a frozen text tower, computed once per data set and cached in the run folder.
+
+Vision-language experts and distillation never run the text encoder inside a training loop: they
+use these vectors (one per caption) and train only the projection head on top of them. The cache
+file is keyed by the tower and the data fingerprint, so a different tower or changed shards get
+their own file; a stale cache can never be picked up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import Tensor
+
+from engine import storage
+from engine.storage import StorageConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CaptionFeatures:
+    """``features`` (num_captions, D), and ``image_index`` (num_captions,): the sample each caption describes."""
+
+    features: Tensor
+    image_index: Tensor
+
+
+def cache_key(tower_name: str, data_fingerprint: str, split: str, num_captions: int) -> str:
+    text = f"{tower_name}|{data_fingerprint}|{split}|{num_captions}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def flatten_captions(captions: list[list[str]]) -> tuple[list[str], Tensor]:
+    """Per-sample caption lists -> one flat list and the sample index of each caption."""
+    flat = [c for per_image in captions for c in per_image]
+    index = torch.tensor([i for i, per_image in enumerate(captions) for _ in per_image], dtype=torch.long)
+    return flat, index
+
+
+def caption_features(
+    tower, tower_name: str, captions: list[list[str]], cache_dir: str, data_fingerprint: str, split: str,
+    storage_config: StorageConfig | None = None,
+) -> CaptionFeatures:
+    """Features of every caption from ``tower.embed_captions``, read from ``cache_dir`` when cached."""
+    flat, image_index = flatten_captions(captions)
+    key = cache_key(tower_name, data_fingerprint, split, len(flat))
+    url = storage.join(cache_dir, f"text-features-{split}-{key}.safetensors")
+    if storage.exists(url, storage_config):
+        tensors = load_safetensors(storage.read_bytes(url, storage_config))
+        return CaptionFeatures(tensors["features"], tensors["image_index"])
+    logger.info("computing text features of %d %s captions with %s", len(flat), split, tower_name)
+    with torch.no_grad():
+        features = tower.embed_captions(flat).contiguous()
+    storage.write_bytes(url, save_safetensors({"features": features, "image_index": image_index}), storage_config)
+    return CaptionFeatures(features, image_index)

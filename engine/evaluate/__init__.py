@@ -1,0 +1,1 @@
+"""Evaluation: classification accuracy and image-text retrieval recall@K."""

@@ -1,0 +1,40 @@
+"""Image-text retrieval recall@K.
+
+TR (image -> text): an image is a hit at K if ANY of its captions is among its K most similar texts.
+IR (text -> image): a caption is a hit at K if its own image is among its K most similar images.
+Recalls are in percent; ``rsum`` is the sum of the six recalls at K = 1, 5, 10.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+DEFAULT_KS = (1, 5, 10)
+
+
+def recall_at_k(similarity: Tensor, text_to_image: Tensor, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+    """``similarity`` (num_images, num_texts); ``text_to_image`` (num_texts,) the image index of each text."""
+    num_images, num_texts = similarity.shape
+    if text_to_image.shape != (num_texts,):
+        raise ValueError(f"text_to_image has shape {tuple(text_to_image.shape)}, expected ({num_texts},)")
+    images = torch.arange(num_images).unsqueeze(1)  # (Ni, 1)
+    metrics: dict[str, float] = {}
+    for k in ks:
+        top_texts = similarity.topk(min(k, num_texts), dim=1).indices  # (Ni, k)
+        tr_hits = (text_to_image[top_texts] == images).any(dim=1)
+        top_images = similarity.t().topk(min(k, num_images), dim=1).indices  # (Nt, k)
+        ir_hits = (top_images == text_to_image.unsqueeze(1)).any(dim=1)
+        metrics[f"tr_r{k}"] = 100.0 * tr_hits.float().mean().item()
+        metrics[f"ir_r{k}"] = 100.0 * ir_hits.float().mean().item()
+    metrics["rsum"] = sum(metrics.values())
+    return metrics
+
+
+@torch.no_grad()
+def embedding_recalls(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor,
+                      ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
+    """Recalls from unit-norm embeddings (cosine similarity)."""
+    return recall_at_k(image_emb @ text_emb.t(), text_to_image, ks)

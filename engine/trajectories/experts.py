@@ -1,0 +1,120 @@
+"""One expert, start to finish: build the model from its seed, train (or resume) it into the store.
+
+This is the Ray-free unit of work of the buffer job. ``ExpertPlan`` carries everything an expert
+needs (it is sent once to every Ray trial); ``train_one`` claims an expert in the store and records
+its trajectory. Evaluation during training is on a validation split: accuracy for classification,
+retrieval recall for contrastive experts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor, nn
+
+from engine.evaluate.retrieval import embedding_recalls
+from engine.models.params import select_parameters
+from engine.models.registry import ModelSpec, build_model
+from engine.storage import StorageConfig
+from engine.trajectories.store import ExpertStatus, TrajectoryStore, record_expert
+from engine.trajectories.train import ExpertConfig, ExpertData, TrainState, build_seeded
+
+EVAL_BATCH = 512
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """Validation tensors: images and labels, or images, caption features and each caption's image."""
+
+    images: Tensor
+    targets: Tensor
+    text_to_image: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class ExpertPlan:
+    store_url: str
+    spec: ModelSpec
+    record: str  # parameter selection: all | heads | lora+heads | group names joined by '+'
+    train: ExpertConfig
+    fingerprint: str  # of the training data (shards + decoding), recorded in the store
+    data: ExpertData
+    eval_data: EvalData | None = None
+    seed: int = 0
+    lease_timeout_s: float = 600.0
+    storage_config: StorageConfig | None = None
+    device: str = "auto"
+
+    def expert_seed(self, expert_id: int) -> int:
+        return self.seed * 1_000_003 + expert_id
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+def build_expert_model(plan: ExpertPlan, seed: int) -> tuple[nn.Module, list[str]]:
+    model = build_seeded(lambda: build_model(plan.spec), seed)
+    return model, select_parameters(model, plan.record)
+
+
+def open_store(plan: ExpertPlan) -> TrajectoryStore:
+    """Create or open the plan's store; refuses a store recorded for another model, data or recipe."""
+    model, recorded = build_expert_model(plan, seed=0)
+    named = dict(model.named_parameters())
+    return TrajectoryStore.create_or_open(
+        plan.store_url, plan.spec, {n: named[n] for n in recorded}, plan.fingerprint,
+        plan.train.model_dump(mode="json"), plan.storage_config, lease_timeout_s=plan.lease_timeout_s,
+    )
+
+
+def train_one(
+    plan: ExpertPlan, expert_id: int, on_epoch: Callable[[int, TrainState], None] | None = None
+) -> ExpertStatus | None:
+    """Train expert ``expert_id`` into the store, resuming a partial one; None if another job holds it."""
+    store = open_store(plan)
+    if expert_id in store.experts():
+        return store.status(expert_id)
+    if not store.claim(expert_id):
+        return None
+    seed = plan.expert_seed(expert_id)
+    model, recorded = build_expert_model(plan, seed)
+    device = plan.torch_device()
+    model.to(device)
+    data = ExpertData(plan.data.images.to(device), plan.data.targets.to(device))
+    eval_data = _to_device(plan.eval_data, device)
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        return validation_metrics(m, eval_data, plan.train) if eval_data is not None else {}
+
+    return record_expert(
+        store, expert_id, model, data, plan.train, recorded=recorded, seed=seed, eval_fn=evaluate,
+        on_epoch=(lambda epoch, params, state: on_epoch(epoch, state)) if on_epoch else None,
+    )
+
+
+def _to_device(data: EvalData | None, device: torch.device) -> EvalData | None:
+    if data is None:
+        return None
+    to_image = data.text_to_image.to(device) if data.text_to_image is not None else None
+    return replace(data, images=data.images.to(device), targets=data.targets.to(device), text_to_image=to_image)
+
+
+@torch.no_grad()
+def validation_metrics(model: nn.Module, data: EvalData, config: ExpertConfig) -> dict[str, float]:
+    """``val_accuracy`` (percent) for classification; ``val_tr_r1`` ... ``val_rsum`` for contrastive."""
+    was_training = model.training
+    model.eval()
+    try:
+        if config.objective == "classification":
+            logits = torch.cat([model(x) for x in data.images.split(EVAL_BATCH)])
+            return {"val_accuracy": 100.0 * (logits.argmax(1) == data.targets).float().mean().item()}
+        image_emb = torch.cat([model.encode_image(x) for x in data.images.split(EVAL_BATCH)])
+        text_emb = torch.cat([model.encode_text_features(t) for t in data.targets.split(EVAL_BATCH)])
+        recalls = embedding_recalls(image_emb.cpu(), text_emb.cpu(), data.text_to_image.cpu())
+        return {f"val_{k}": v for k, v in recalls.items()}
+    finally:
+        model.train(was_training)
