@@ -176,7 +176,8 @@ def _results(config: BufferConfig, store, num: int, already: list[int], seconds:
     for i in range(num):
         status = store.status(i)
         experts.append({"expert": i, "epochs": status.epochs, "seed": status.seed, "sha256": status.sha256,
-                        "resumed_complete": i in already, "final": status.metrics[-1]})
+                        "resumed_complete": i in already, "started_at_epoch": status.summary.get("started_at_epoch"),
+                        "final": status.metrics[-1]})
     return {"store": store.url, "num_experts": num, "epochs": store.num_epochs, "seconds": round(seconds, 2),
             "experts": experts}
 
@@ -187,8 +188,15 @@ def results_table(results: dict[str, Any]) -> str:
     lines = [header, "|" + "---|" * (len(metric_names) + 2)]
     for e in results["experts"]:
         values = " | ".join(f"{e['final'].get(k, float('nan')):.3f}" for k in metric_names)
-        lines.append(f"| {e['expert']} | {values} | {'already complete' if e['resumed_complete'] else ''} |")
+        lines.append(f"| {e['expert']} | {values} | {_note(e)} |")
     return "\n".join(lines)
+
+
+def _note(expert: dict[str, Any]) -> str:
+    if expert["resumed_complete"]:
+        return "already complete"
+    started = expert["started_at_epoch"]
+    return f"resumed after epoch {started}" if started else ""
 
 
 def _write_outputs(config: BufferConfig, results: dict[str, Any]) -> None:

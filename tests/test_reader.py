@@ -24,6 +24,7 @@ from engine.data.reader import (
     count_samples,
     iter_tar_samples,
     load_in_memory,
+    materialize,
     read_shards,
     resolve_shards,
     shard_errors,
@@ -213,6 +214,14 @@ def test_ray_reader_gives_the_in_memory_arrays(ray_session, modes_folder):
     order = np.argsort(memory.keys)
     np.testing.assert_array_equal(np.stack([r["image"] for r in rows]), memory.images.numpy()[order])
     assert [int(r["label"]) for r in rows] == memory.labels.numpy()[order].tolist()
+
+
+def test_materialize_through_ray_equals_the_in_memory_reader(ray_session, modes_folder):
+    config = DataConfig(shards=str(modes_folder), image_size=8)
+    through_ray, memory = materialize(config), load_in_memory(config)
+    assert through_ray.keys == memory.keys
+    assert torch.equal(through_ray.images, memory.images) and torch.equal(through_ray.labels, memory.labels)
+    assert through_ray.class_names == memory.class_names
 
 
 def test_truncated_image_names_shard_and_key(ray_session, tmp_path):

@@ -699,4 +699,5 @@ def record_expert(
     final = train_expert(
         model, data, config, recorded=recorded, seed=seed, on_epoch=save_epoch, resume=state, eval_fn=eval_fn
     )
-    return store.finish(expert_id, seed, final.metrics)
+    # Which epoch this (last) attempt started from: 0 = from scratch, k = resumed after epoch k.
+    return store.finish(expert_id, seed, {**final.metrics, "started_at_epoch": state.epoch if state else 0})
