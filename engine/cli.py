@@ -17,6 +17,8 @@ JOBS: dict[str, tuple[str, str]] = {
     "shard": ("jobs.shard", "write WebDataset shards + manifest from image folders, captions, videos or digits"),
     "data": ("jobs.data", "inspect shards: `distill data info <url>` prints counts and writes a sample grid"),
     "buffer": ("jobs.buffer", "train N expert trajectories in parallel on Ray into a trajectory store"),
+    "distill": ("jobs.distill", "trajectory matching: distil a synthetic set from the expert trajectories"),
+    "evaluate": ("jobs.evaluate", "train fresh networks on distilled sets and coresets; results.json + a table"),
 }
 
 USAGE = "usage: distill <job> [config.yaml] [key=value ...]   (distill <job> --help for a job's options)"

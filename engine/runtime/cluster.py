@@ -15,6 +15,9 @@ class ResourcesConfig(Section):
     use_ray: bool = Field(True, description="False: run the work one item after another in this process.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per expert / trial / worker.")
     gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker; fractions share a GPU.")
+    distill_workers: int = Field(
+        0, ge=0, description="0: distil in this process; W >= 1: W data-parallel workers on Ray Train."
+    )
     max_concurrent: int | None = Field(None, ge=1, description="At most this many at once (default: as resources allow).")
     num_cpus: int | None = Field(
         None, ge=1, description="CPUs of the local cluster started when RAY_ADDRESS is unset and none runs."

@@ -1,0 +1,175 @@
+"""The evaluation of a classification experiment: distilled sets against coresets of the same size.
+
+    for each size (images per class):
+        distilled   the set in <run_dir>/distill/ipc-<k>/, trained with its learned step size
+        random / herding / kcenter / forgetting   real images chosen from the training split;
+                    herding and k-center on an expert's penultimate features, forgetting from
+                    counts of one training run with the experts' recipe
+        fresh networks trained ``evaluate.repeats`` times on each set, accuracy on ``evaluate.split``
+    optionally ``full``: the whole training split (the upper bound)
+
+Rows: ``{"method", "size", "metric": "accuracy", "mean", "std", "runs"}`` with accuracy in percent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import Tensor, nn
+
+from engine import storage
+from engine.distill.synthetic import SyntheticSet
+from engine.evaluate.classification import Scores, evaluate_set
+from engine.experiment import ExperimentConfig, load_preprocess, load_split, model_spec, prepare_data
+from engine.models.params import select_parameters, set_flat
+from engine.models.registry import build_model
+from engine.select import coresets
+from engine.select.forgetting import forgetting_counts
+from engine.trajectories.store import TrajectoryStore
+from engine.trajectories.train import ExpertData, build_seeded
+
+FEATURE_BATCH = 1024
+
+
+@dataclass
+class ClassificationData:
+    train_images: Tensor  # model-input space
+    train_labels: Tensor
+    eval_images: Tensor
+    eval_labels: Tensor
+    num_classes: int
+    build: Callable[[], nn.Module]  # the evaluation network
+    fingerprint: str
+
+
+def load_classification_data(config: ExperimentConfig, device: torch.device) -> ClassificationData:
+    manifest = prepare_data(config)
+    preprocess = load_preprocess(config)
+    train = load_split(config, config.data.split)
+    held_out = load_split(config, config.evaluate.split)
+    spec = model_spec(config, manifest, config.evaluate.model)
+    return ClassificationData(
+        preprocess.apply(train.images).to(device), train.labels.to(device),
+        preprocess.apply(held_out.images).to(device), held_out.labels.to(device),
+        len(manifest.classes), lambda: build_model(spec), manifest.fingerprint(),
+    )
+
+
+def row(method: str, size: int, scores: Scores, metric: str = "accuracy") -> dict[str, Any]:
+    return {"method": method, "size": size, "metric": metric, "mean": round(scores.mean, 4),
+            "std": round(scores.std, 4), "runs": [round(v, 4) for v in scores.values]}
+
+
+def classification_rows(config: ExperimentConfig, sizes: list[int], device: torch.device,
+                        log: Callable[[str], None] = print) -> Iterator[dict[str, Any]]:
+    """Evaluate every configured method at every size; yields rows as they are measured."""
+    ev = config.evaluate
+    data = load_classification_data(config, device)
+
+    def score(images: Tensor, targets: Tensor, lr: float, epochs: int | None = None) -> Scores:
+        train = ev.train if epochs is None else ev.train.model_copy(update={"epochs": epochs})
+        return evaluate_set(data.build, images, targets, data.eval_images, data.eval_labels, train, lr,
+                            ev.repeats, seed=ev.seed)
+
+    chooser = CoresetChooser(config, data, device)
+    for size in sizes:
+        for method in ev.methods:
+            if method == "distilled":
+                synthetic = SyntheticSet.load(config.distill_dir(size), config.storage)
+                lr = float(synthetic.alphas.mean()) if ev.use_learned_lr else ev.train.lr
+                scores = score(synthetic.images.to(device), synthetic.labels.to(device), lr)
+            else:
+                index = chooser.choose(method, size)
+                scores = score(data.train_images[index], data.train_labels[index], ev.train.lr)
+            log(f"  {method:<10} ipc {size:<4} accuracy {scores.mean:6.2f} ± {scores.std:.2f}")
+            yield row(method, size, scores)
+    if ev.full:
+        scores = score(data.train_images, data.train_labels, ev.train.lr, ev.full_epochs)
+        size = round(len(data.train_labels) / data.num_classes)
+        log(f"  {'full':<10} ipc {size:<4} accuracy {scores.mean:6.2f} ± {scores.std:.2f}")
+        yield row("full", size, scores)
+
+
+class CoresetChooser:
+    """Coreset indices into the training split; expert features and forgetting counts computed once."""
+
+    def __init__(self, config: ExperimentConfig, data: ClassificationData, device: torch.device):
+        self.config, self.data, self.device = config, data, device
+        self._features: Tensor | None = None
+        self._counts: Tensor | None = None
+
+    def choose(self, method: str, ipc: int) -> Tensor:
+        labels = self.data.train_labels.cpu()
+        generator = torch.Generator().manual_seed(self.config.evaluate.seed * 1000 + ipc)
+        if method == "random":
+            return coresets.random_coreset(len(labels), ipc, labels, generator)
+        if method == "herding":
+            return coresets.herding(self.features(), ipc, labels)
+        if method == "kcenter":
+            return coresets.kcenter(self.features(), ipc, labels)
+        if method == "forgetting":
+            return coresets.forgetting(self.counts(), ipc, labels, generator)
+        raise ValueError(f"unknown coreset method {method!r}")
+
+    def expert_model(self) -> nn.Module:
+        """Expert 0 of the store at its last epoch."""
+        store = TrajectoryStore.open(self.config.store_url, self.config.storage)
+        expert = store.experts()[0]
+        model = build_model(model_spec(self.config, prepare_data(self.config))).to(self.device)
+        params = store.load_epochs(expert, [store.num_epochs])[store.num_epochs]
+        set_flat(model, store.param_names, torch.cat([params[n].flatten() for n in store.param_names]).to(self.device))
+        return model.eval()
+
+    @torch.no_grad()
+    def features(self) -> Tensor:
+        if self._features is None:
+            model = self.expert_model()
+            self._features = torch.cat([model.features(x).cpu() for x in self.data.train_images.split(FEATURE_BATCH)])
+        return self._features
+
+    def counts(self) -> Tensor:
+        """Forgetting counts, cached in <run_dir>/evaluate/ (keyed by the data) so reruns reuse them."""
+        if self._counts is not None:
+            return self._counts
+        url = storage.join(self.config.run_dir, "evaluate", f"forgetting-{self.data.fingerprint}.safetensors")
+        if storage.exists(url, self.config.storage):
+            self._counts = load_safetensors(storage.read_bytes(url, self.config.storage))["counts"]
+            return self._counts
+        spec = model_spec(self.config, prepare_data(self.config))
+        model = build_seeded(lambda: build_model(spec), self.config.evaluate.seed).to(self.device)
+        recorded = select_parameters(model, self.config.experts.record)
+        data = ExpertData(self.data.train_images, self.data.train_labels)
+        self._counts = forgetting_counts(model, data, self.config.experts.train, recorded,
+                                         seed=self.config.evaluate.seed).cpu()
+        storage.write_bytes(url, save_safetensors({"counts": self._counts.contiguous()}), self.config.storage)
+        return self._counts
+
+
+def results_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: one row per method, one column per size, ``mean ± std`` of each metric."""
+    sizes = sorted({r["size"] for r in rows if r["method"] != "full"})
+    metrics = list(dict.fromkeys(r["metric"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    lookup = {(r["method"], r["size"], r["metric"]): r for r in rows}
+    lines = []
+    for metric in metrics:
+        header = [f"{metric}: method", *(f"size {s}" for s in sizes)]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for method in methods:
+            if method == "full":
+                full = next(r for r in rows if r["method"] == "full" and r["metric"] == metric)
+                cells = [f"{full['mean']:.2f} ± {full['std']:.2f} (all {full['size']})"] + [""] * (len(sizes) - 1)
+            else:
+                cells = [_cell(lookup.get((method, s, metric))) for s in sizes]
+            lines.append("| " + " | ".join([method, *cells]) + " |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _cell(r: dict[str, Any] | None) -> str:
+    return "" if r is None else f"{r['mean']:.2f} ± {r['std']:.2f}"

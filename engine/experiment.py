@@ -1,0 +1,193 @@
+"""One experiment config for every job: data, experts, distillation, evaluation, pipeline, resources.
+
+A YAML file such as ``configs/quickstart.yaml`` describes a whole experiment; each job reads the
+sections it needs (``buffer``: data, preprocess, model, experts; ``distill``: + distill;
+``evaluate``: + evaluate; ``pipeline``: all), so the same file drives every step and a sweep can
+override any key. Defaults live only in these schemas.
+
+Also here: the builders every job shares, so that the buffer, distill and evaluate jobs derive the
+model spec, the data fingerprint and the preprocessed tensors in exactly the same way.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from engine import storage
+from engine.config import JobConfig, Section
+from engine.data import reader
+from engine.data.manifest import ShardManifest
+from engine.data.preprocess import Preprocess, PreprocessConfig
+from engine.data.reader import DataConfig, InMemoryData
+from engine.data.writers import PrepareConfig, ensure_shards
+from engine.distill.config import DistillConfig
+from engine.errors import ConfigError
+from engine.evaluate.classification import TrainConfig
+from engine.models.registry import ARCHITECTURES, LoraSpec, ModelSpec
+from engine.runtime.cluster import ResourcesConfig
+from engine.select.coresets import METHODS as CORESET_METHODS
+from engine.trajectories.train import ExpertConfig
+
+CONTRASTIVE_ARCHS = ("clip", "clip_tiny", "clip_convnet")
+
+
+class ModelConfig(Section):
+    """A model from the registry. ``channels``, ``num_classes``, ``image_size`` and ``frames`` come from
+    the data when the builder takes them and the config does not set them."""
+
+    arch: str = Field("convnet", description=f"One of: {', '.join(ARCHITECTURES)}.")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    lora: LoraSpec | None = None
+
+    @field_validator("arch")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in ARCHITECTURES:
+            raise ValueError(f"unknown arch {value!r}; known: {', '.join(ARCHITECTURES)}")
+        return value
+
+
+class ExpertsConfig(Section):
+    num_experts: int = Field(10, ge=1)
+    record: str = Field("all", description="Parameters trained and recorded: all | heads | lora+heads | groups.")
+    seed: int = Field(0, description="Expert i is initialised and trained with a seed derived from (seed, i).")
+    val_split: str | None = Field("val", description="Split evaluated after every epoch (None: no evaluation).")
+    store: str | None = Field(None, description="Trajectory store URL; default <run_dir>/trajectories.")
+    lease_timeout_s: float = Field(600.0, gt=0, description="A writer silent this long is presumed dead.")
+    train: ExpertConfig = Field(default_factory=ExpertConfig)
+
+
+class EvaluateConfig(Section):
+    """Fresh networks trained on each distilled set and on coresets of the same size."""
+
+    methods: list[str] = Field(default_factory=lambda: ["distilled", *CORESET_METHODS],
+                               description="distilled and coreset methods: random, herding, kcenter, forgetting.")
+    full: bool = Field(False, description="Also train on the whole training split (the upper bound).")
+    full_epochs: int = Field(30, ge=1, description="Epochs of the full-data run.")
+    repeats: int = Field(3, ge=1, description="Fresh networks per set; mean and std are reported.")
+    split: str = Field("test", description="Split the reported metric is measured on.")
+    use_learned_lr: bool = Field(True, description="Train on a distilled set with its learned step size.")
+    model: ModelConfig | None = Field(None, description="Evaluation network (default: the experts' model).")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    seed: int = 0
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, value: list[str]) -> list[str]:
+        unknown = [m for m in value if m not in ("distilled", *CORESET_METHODS)]
+        if unknown or not value:
+            raise ValueError(f"unknown methods {unknown}; choose from distilled, {', '.join(CORESET_METHODS)}")
+        return value
+
+
+class PipelineConfig(Section):
+    ipcs: list[int] = Field(default_factory=lambda: [1], description="Distil and evaluate at these sizes.")
+    per_ipc: dict[int, dict[str, Any]] = Field(
+        default_factory=dict, description="distill keys that differ at one size, e.g. {10: {syn_steps: 30}}."
+    )
+
+    @field_validator("ipcs")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if not value or any(v < 1 for v in value):
+            raise ValueError("must be a non-empty list of sizes >= 1")
+        return value
+
+
+class ExperimentConfig(JobConfig):
+    data: DataConfig
+    prepare: PrepareConfig | None = None
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    experts: ExpertsConfig = Field(default_factory=ExpertsConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExperimentConfig:
+        contrastive = self.model.arch in CONTRASTIVE_ARCHS
+        if contrastive != (self.experts.train.objective == "contrastive"):
+            raise ValueError(
+                f"experts.train.objective {self.experts.train.objective!r} does not fit model.arch "
+                f"{self.model.arch!r} (contrastive needs one of {', '.join(CONTRASTIVE_ARCHS)})"
+            )
+        if "distill" in self.model_fields_set:  # a config for experts only need not fit the defaults
+            self._check_window("distill", self.distill)
+        for ipc in self.pipeline.per_ipc:
+            self._check_window(f"pipeline.per_ipc.{ipc}", self.distill_for(ipc))  # now, not mid-pipeline
+        return self
+
+    def _check_window(self, where: str, distill: DistillConfig) -> None:
+        if distill.max_start_epoch + distill.expert_epochs > self.experts.train.epochs + 1:
+            raise ValueError(
+                f"{where}: max_start_epoch ({distill.max_start_epoch}) + expert_epochs ({distill.expert_epochs}) "
+                f"needs experts of {distill.max_start_epoch + distill.expert_epochs - 1} epochs; "
+                f"experts.train.epochs is {self.experts.train.epochs}"
+            )
+
+    @property
+    def contrastive(self) -> bool:
+        return self.experts.train.objective == "contrastive"
+
+    @property
+    def store_url(self) -> str:
+        return self.experts.store or storage.join(self.run_dir, "trajectories")
+
+    def distill_dir(self, ipc: int) -> str:
+        return storage.join(self.run_dir, "distill", f"ipc-{ipc}")
+
+    def distill_for(self, ipc: int) -> DistillConfig:
+        """The distill section at size ``ipc`` with ``pipeline.per_ipc`` applied."""
+        extra = self.pipeline.per_ipc.get(ipc, {})
+        try:
+            return DistillConfig.model_validate({**self.distill.model_dump(), **extra, "ipc": ipc})
+        except ValidationError as err:  # raised while the experiment config is validated: names the key
+            first = err.errors()[0]
+            key = ".".join(str(p) for p in first["loc"])
+            raise ValueError(f"pipeline.per_ipc.{ipc}{'.' + key if key else ''}: {first['msg']}") from None
+
+
+def model_spec(config: ExperimentConfig, manifest: ShardManifest, model: ModelConfig | None = None) -> ModelSpec:
+    """The model's spec with the data's shape filled in; a conflicting explicit value is an error."""
+    model = model or config.model
+    takes = inspect.signature(ARCHITECTURES[model.arch]).parameters
+    from_data = {"channels": config.data.channels, "num_classes": len(manifest.classes),
+                 "image_size": config.data.image_size, "frames": config.data.frames}
+    kwargs = dict(model.kwargs)
+    for key, value in from_data.items():
+        if key not in takes or (key == "num_classes" and not manifest.classes):
+            continue
+        if key in kwargs and kwargs[key] != value:
+            raise ConfigError(f"model.kwargs.{key} is {kwargs[key]} but the data gives {value}")
+        kwargs[key] = value
+    return ModelSpec.create(model.arch, lora=model.lora, **kwargs)
+
+
+def data_fingerprint(config: ExperimentConfig, manifest: ShardManifest) -> str:
+    """What the experts were trained on: the shards' content, the split and how images were decoded."""
+    p = config.preprocess
+    transform = ("norm" if p.normalize else "raw") + (f"+zca{p.zca_eps:g}" if p.zca else "")
+    return (f"{manifest.fingerprint()}:{config.data.split}:{config.data.image_size}px:"
+            f"{config.data.channels}ch:{config.data.resize}:{transform}")
+
+
+def prepare_data(config: ExperimentConfig) -> ShardManifest:
+    """The shards' manifest, writing the shards first from the ``prepare`` section if there are none."""
+    return ensure_shards(config.data.shards, config.prepare, config.storage)
+
+
+def load_split(config: ExperimentConfig, split: str) -> InMemoryData:
+    """A whole split as tensors (pixels in [0, 1]); decoded on the Ray cluster when one is in use."""
+    data_config = config.data.model_copy(update={"split": split})
+    if config.resources.use_ray:
+        return reader.materialize(data_config, config.storage)
+    return reader.load_in_memory(data_config, config.storage)
+
+
+def load_preprocess(config: ExperimentConfig) -> Preprocess:
+    return Preprocess.load(config.store_url, config.storage)

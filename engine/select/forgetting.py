@@ -1,0 +1,34 @@
+"""Forgetting counts (Toneva et al. 2019) from one training run with the experts' recipe."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from engine.select.coresets import forgetting_events
+from engine.trajectories.train import ExpertConfig, ExpertData, train_expert
+
+EVAL_BATCH = 1024
+
+
+def forgetting_counts(model: nn.Module, data: ExpertData, config: ExpertConfig, recorded: Sequence[str], seed: int,
+                      correct: Callable[[nn.Module, ExpertData], Tensor] | None = None) -> Tensor:
+    """Train ``model`` like an expert, noting after every epoch which samples it gets right; returns (N,)
+    counts of correct -> wrong transitions. ``correct(model, data)`` defaults to classification."""
+    judge = correct or classified_correctly
+    history: list[Tensor] = []
+
+    def note(m: nn.Module) -> dict[str, float]:
+        history.append(judge(m, data).cpu())
+        return {}
+
+    train_expert(model, data, config, recorded=recorded, seed=seed, eval_fn=note)
+    return forgetting_events(history)
+
+
+@torch.no_grad()
+def classified_correctly(model: nn.Module, data: ExpertData) -> Tensor:
+    predictions = torch.cat([model(x).argmax(1) for x in data.images.split(EVAL_BATCH)])
+    return predictions == data.targets
