@@ -18,6 +18,7 @@ JOBS: dict[str, tuple[str, str]] = {
     "data": ("jobs.data", "inspect shards: `distill data info <url>` prints counts and writes a sample grid"),
     "buffer": ("jobs.buffer", "train N expert trajectories in parallel on Ray into a trajectory store"),
     "distill": ("jobs.distill", "trajectory matching: distil a synthetic set from the expert trajectories"),
+    "pipeline": ("jobs.pipeline", "buffer -> distill at every size -> evaluate against coresets, end to end"),
     "evaluate": ("jobs.evaluate", "train fresh networks on distilled sets and coresets; results.json + a table"),
 }
 

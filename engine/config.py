@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engine import storage
 from engine.errors import ConfigError
-from engine.storage import StorageConfig
+from engine.storage import PathOrURL, StorageConfig
 
 
 class Section(BaseModel):
@@ -28,7 +28,7 @@ class Section(BaseModel):
 class JobConfig(Section):
     """Keys every job config has."""
 
-    run_dir: str = Field(description="Where all outputs of the job go: a local path or a URL (s3://bucket/prefix).")
+    run_dir: PathOrURL = Field(description="Where all outputs of the job go: a local path or a URL (s3://bucket/prefix).")
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
 

@@ -29,6 +29,7 @@ from engine.evaluate.classification import TrainConfig
 from engine.models.registry import ARCHITECTURES, LoraSpec, ModelSpec
 from engine.runtime.cluster import ResourcesConfig
 from engine.select.coresets import METHODS as CORESET_METHODS
+from engine.storage import PathOrURL
 from engine.trajectories.train import ExpertConfig
 
 CONTRASTIVE_ARCHS = ("clip", "clip_tiny", "clip_convnet")
@@ -55,7 +56,7 @@ class ExpertsConfig(Section):
     record: str = Field("all", description="Parameters trained and recorded: all | heads | lora+heads | groups.")
     seed: int = Field(0, description="Expert i is initialised and trained with a seed derived from (seed, i).")
     val_split: str | None = Field("val", description="Split evaluated after every epoch (None: no evaluation).")
-    store: str | None = Field(None, description="Trajectory store URL; default <run_dir>/trajectories.")
+    store: PathOrURL | None = Field(None, description="Trajectory store URL; default <run_dir>/trajectories.")
     lease_timeout_s: float = Field(600.0, gt=0, description="A writer silent this long is presumed dead.")
     train: ExpertConfig = Field(default_factory=ExpertConfig)
 

@@ -14,10 +14,10 @@ import os
 import tempfile
 import uuid
 from collections.abc import Iterator
-from typing import IO, Any
+from typing import IO, Annotated, Any
 
 import fsspec
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr
 
 from engine.errors import StorageError
 
@@ -54,6 +54,15 @@ DEFAULT_STORAGE = StorageConfig()
 
 def is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
+
+
+def absolute(url: str) -> str:
+    """A local path made absolute (Ray workers run in their own working directories); URLs unchanged."""
+    return url if "://" in url else os.path.abspath(os.path.expanduser(url))
+
+
+# A config field holding a local path or URL; relative local paths are resolved where the config is loaded.
+PathOrURL = Annotated[str, AfterValidator(absolute)]
 
 
 def filesystem(url: str, storage: StorageConfig | None = None) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -46,7 +46,7 @@ from engine.data import decode
 from engine.data.manifest import ShardManifest, sha256_of
 from engine.data.tokenize import Tokenizer, load_tokenizer, parse_spec
 from engine.errors import DataError, StorageError
-from engine.storage import StorageConfig
+from engine.storage import PathOrURL, StorageConfig
 
 if TYPE_CHECKING:
     import ray.data
@@ -66,7 +66,7 @@ CAPTION_COLUMNS = ("captions", "num_captions", "tokens")
 class DataConfig(Section):
     """Which shards to read and what tensors to make of them. Job configs embed this as ``data``."""
 
-    shards: str = Field(description="Shard folder with manifest.json: a local path or s3://bucket/prefix.")
+    shards: PathOrURL = Field(description="Shard folder with manifest.json: a local path or s3://bucket/prefix.")
     split: str = Field("train", description="Split to read, as named in the manifest.")
     image_size: int = Field(32, gt=0, le=4096, description="Output height = width, in pixels.")
     channels: Literal[1, 3] = Field(3, description="1: grayscale (L); 3: RGB. Every input mode is converted.")

@@ -36,7 +36,7 @@ from engine.data import sources
 from engine.data.manifest import MANIFEST_NAME, ShardInfo, ShardManifest, SplitInfo
 from engine.data.sources import SkipLog, Source, SourceItem
 from engine.errors import ConfigError, DataError, StorageError
-from engine.storage import StorageConfig
+from engine.storage import PathOrURL, StorageConfig
 
 FORMATS: tuple[str, ...] = ("imagefolder", "captions-csv", "coco-captions", "karpathy-json", "video", "digits")
 CAPTION_FORMATS = ("captions-csv", "coco-captions", "karpathy-json")
@@ -517,9 +517,9 @@ class PrepareConfig(Section):
     """How to write a job's ``data.shards`` when they do not exist yet; later runs reuse them."""
 
     format: Literal[FORMATS] = Field(description="Source format, as in `distill shard --format`.")  # type: ignore[valid-type]
-    src: str | None = Field(None, description="Source path (not for digits).")
-    images_dir: str | None = None
-    class_list: str | None = None
+    src: PathOrURL | None = Field(None, description="Source path (not for digits).")
+    images_dir: PathOrURL | None = None
+    class_list: PathOrURL | None = None
     shard_size: int = Field(1000, ge=1)
     max_side: int | None = Field(None, ge=1)
     splits: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_SPLITS))

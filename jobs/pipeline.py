@@ -1,0 +1,49 @@
+"""distill pipeline <config.yaml> [key=value ...]: buffer -> distill at every size -> evaluate.
+
+    experts trained in parallel on Ray into <run_dir>/trajectories (skipped when complete)
+    -> for each size in pipeline.ipcs: the distill section (with pipeline.per_ipc applied)
+       into <run_dir>/distill/ipc-<k>/ (resumed from its checkpoint when interrupted)
+    -> the distilled sets against coresets of the same sizes: <run_dir>/results.json and results.md
+
+Every step resumes, so running the same command again after an interruption redoes no finished work.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from engine import cli, storage
+from engine.config import load_config, split_config_args, to_yaml
+from engine.experiment import ExperimentConfig
+from jobs.buffer import run_buffer
+from jobs.distill import run_distill
+from jobs.evaluate import run_evaluate
+
+
+def run_pipeline(config: ExperimentConfig) -> list[dict[str, Any]]:
+    started = time.time()
+    storage.write_text(storage.join(config.run_dir, "config.yaml"), to_yaml(config), config.storage)
+    print("== buffer: expert trajectories", flush=True)
+    run_buffer(config)
+    for ipc in config.pipeline.ipcs:
+        print(f"\n== distill: {ipc} per class", flush=True)
+        run_distill(config, config.distill_for(ipc))
+    print("\n== evaluate", flush=True)
+    rows = run_evaluate(config, config.pipeline.ipcs)
+    print(f"pipeline finished in {(time.time() - started) / 60:.1f} min", flush=True)
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    path, overrides = split_config_args(argv)
+    if path in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    run_pipeline(load_config(ExperimentConfig, path, overrides))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.main(["pipeline", *sys.argv[1:]]))

@@ -1,0 +1,154 @@
+"""The distill and evaluate jobs on digits: outputs, resume, divergence, data parallelism on Ray Train."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load as load_safetensors
+
+from engine import storage
+from engine.config import load_config
+from engine.data.manifest import ShardManifest
+from engine.distill.loop import DistillDiverged
+from engine.distill.synthetic import CHECKPOINT_NAME, SyntheticSet
+from engine.errors import ConfigError
+from engine.experiment import ExperimentConfig
+from engine.trajectories.train import safetensors_metadata
+from jobs import buffer, distill, evaluate
+
+BASE = {
+    "data": {"image_size": 8, "channels": 1},
+    "model": {"arch": "convnet", "kwargs": {"width": 16, "depth": 2}},
+    "experts": {"num_experts": 2, "train": {"epochs": 4, "lr": 0.05, "batch_size": 128}},
+    "distill": {"iterations": 4, "syn_steps": 5, "expert_epochs": 2, "max_start_epoch": 2, "lr_img": 100,
+                "checkpoint_every": 2},
+    "evaluate": {"repeats": 2, "train": {"epochs": 20}},
+    "resources": {"use_ray": False},
+}
+
+
+def config_file(folder: Path, run_dir: Path, shards: str, store: str, **sections) -> str:
+    raw = json.loads(json.dumps(BASE))
+    raw["run_dir"] = str(run_dir)
+    raw["data"]["shards"] = shards
+    raw["experts"]["store"] = store
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    path = folder / f"{run_dir.name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    """Digits shards and a 2-expert x 4-epoch store, trained once for the module (no Ray)."""
+    root = tmp_path_factory.mktemp("distill")
+    shards, store = str(root / "shards"), str(root / "store")
+    config = config_file(root, root / "buffer", shards, store)
+    raw = yaml.safe_load(Path(config).read_text())
+    raw["prepare"] = {"format": "digits", "splits": {"train": 0.7, "val": 0.1, "test": 0.2}}
+    Path(config).write_text(yaml.safe_dump(raw))
+    assert buffer.main([config]) == 0
+    return root, shards, store
+
+
+def load(path: str, *overrides: str) -> ExperimentConfig:
+    return load_config(ExperimentConfig, path, list(overrides))
+
+
+def test_distill_writes_the_set_and_resumes_to_the_same_result(experiment, tmp_path):
+    root, shards, store = experiment
+    whole = load(config_file(tmp_path, tmp_path / "whole", shards, store))
+    expected = distill.run_distill(whole, progress=False)
+
+    split = config_file(tmp_path, tmp_path / "split", shards, store)
+    distill.run_distill(load(split, "distill.iterations=2"), progress=False)  # "interrupted" after 2
+    out = tmp_path / "split" / "distill" / "ipc-1"
+    assert json.loads((out / "manifest.json").read_text())["iterations"] == 2
+    resumed = distill.run_distill(load(split), progress=False)
+    torch.testing.assert_close(resumed.images, expected.images, rtol=0, atol=0)
+    torch.testing.assert_close(resumed.alphas, expected.alphas, rtol=0, atol=0)
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["method"] == "mtt" and manifest["ipc"] == 1 and manifest["iterations"] == 4
+    assert manifest["step_sizes"] == pytest.approx(resumed.alphas.tolist())
+    assert (out / "grid.png").stat().st_size > 0 and (out / CHECKPOINT_NAME).exists()
+    shard_manifest = ShardManifest.load(str(out / "shards"))
+    assert shard_manifest.splits["train"].class_counts == [1] * 10
+    assert SyntheticSet.load(str(out)).images.shape == (10, 1, 8, 8)
+
+
+def test_a_checkpoint_with_other_settings_is_refused(experiment, tmp_path):
+    root, shards, store = experiment
+    path = config_file(tmp_path, tmp_path / "run", shards, store)
+    distill.run_distill(load(path, "distill.iterations=2"), progress=False)
+    with pytest.raises(Exception, match=r"checkpoint.safetensors was written with other distill settings \(syn_steps\)"):
+        distill.run_distill(load(path, "distill.syn_steps=3"), progress=False)
+
+
+def test_an_exploding_loss_stops_with_its_iteration_and_keeps_the_last_checkpoint(experiment, tmp_path):
+    root, shards, store = experiment
+    path = config_file(tmp_path, tmp_path / "run", shards, store)
+    config = load(path, "distill.lr_lr=1e4", "distill.checkpoint_every=1", "distill.iterations=20")
+    with pytest.raises(DistillDiverged, match=r"^iteration (\d+): matching loss .* the last good checkpoint "
+                                              r"\(iteration \d+\) is kept") as failure:
+        distill.run_distill(config, progress=False)
+    failed_at = int(failure.value.args[0].split(":")[0].split()[1])
+    checkpoint = (tmp_path / "run" / "distill" / "ipc-1" / CHECKPOINT_NAME).read_bytes()
+    metadata = json.loads(safetensors_metadata(checkpoint)["checkpoint"])
+    assert metadata["iteration"] == failed_at  # the state before the failing iteration, never after
+    assert torch.isfinite(load_safetensors(checkpoint)["synthetic/images"]).all()
+
+
+def test_evaluate_writes_rows_for_every_method_and_a_table(experiment, tmp_path):
+    root, shards, store = experiment
+    path = config_file(tmp_path, tmp_path / "run", shards, store, evaluate={"full": True, "full_epochs": 2})
+    config = load(path, "distill.iterations=2")
+    distill.run_distill(config, progress=False)
+    rows = evaluate.run_evaluate(config, [1])
+    assert [(r["method"], r["size"]) for r in rows] == [
+        ("distilled", 1), ("random", 1), ("herding", 1), ("kcenter", 1), ("forgetting", 1), ("full", 126)]
+    for r in rows:
+        assert r["metric"] == "accuracy" and len(r["runs"]) == 2 and 0 <= r["mean"] <= 100
+        assert r["mean"] == pytest.approx(sum(r["runs"]) / 2, abs=1e-3)
+    assert storage.read_json(str(tmp_path / "run" / "results.json")) == rows
+    table = (tmp_path / "run" / "results.md").read_text()
+    assert "| distilled |" in table and "| herding |" in table
+
+
+def test_two_ray_train_workers_equal_one_process_with_the_same_segments(ray_session, experiment, tmp_path):
+    root, shards, store = experiment
+    local = load(config_file(tmp_path, tmp_path / "local", shards, store), "distill.segments_per_iteration=2",
+                 "distill.iterations=2")
+    on_ray = load(config_file(tmp_path, tmp_path / "ray", shards, store), "resources.distill_workers=2",
+                  "distill.iterations=2")
+    expected = distill.run_distill(local, progress=False)
+    result = distill.run_distill(on_ray, progress=False)
+    torch.testing.assert_close(result.images, expected.images, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(result.alphas, expected.alphas, rtol=1e-5, atol=1e-9)
+    assert not torch.equal(expected.images, load_initial_images(local))
+
+
+def load_initial_images(config: ExperimentConfig) -> torch.Tensor:
+    """The synthetic images before any update (iteration 0 of the same seed)."""
+    from engine.distill.setup import build_distiller, prepare_inputs
+
+    inputs = prepare_inputs(config, config.distill)
+    return build_distiller(inputs, torch.device("cpu")).synthetic.images.detach()
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("distill.ipc=0", r"distill\.ipc: Input should be greater than or equal to 1 \(got 0\)"),
+    ("distill.max_start_epoch=4", r"distill: max_start_epoch \(4\) \+ expert_epochs \(2\) needs experts of 5 epochs"),
+    ("pipeline.per_ipc={10: {syn_stepz: 3}}", r"pipeline\.per_ipc\.10\.syn_stepz: Extra inputs are not permitted"),
+    ("evaluate.methods=[random, best]", r"evaluate\.methods: .*unknown methods \['best'\]"),
+    ("distill.gradient=adjoint", r"distill\.gradient: Input should be 'unrolled' or 'exact'"),
+])
+def test_bad_experiment_values_fail_naming_the_key(tmp_path, override, message):
+    path = config_file(tmp_path, tmp_path / "run", "shards", "store")
+    with pytest.raises(ConfigError, match=message):
+        load(path, override)
