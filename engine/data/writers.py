@@ -524,6 +524,7 @@ class PrepareConfig(Section):
     max_side: int | None = Field(None, ge=1)
     splits: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_SPLITS))
     seed: int = 0
+    limit: int | None = Field(None, ge=1, description="Keep a seeded random subset of this many source items.")
 
 
 def ensure_shards(
@@ -540,5 +541,5 @@ def ensure_shards(
     return shard_dataset(
         prepare.format, prepare.src, shards_url, shard_size=prepare.shard_size, max_side=prepare.max_side,
         splits=prepare.splits, seed=prepare.seed, class_list=prepare.class_list, images_dir=prepare.images_dir,
-        storage_config=storage_config,
+        storage_config=storage_config, limit=prepare.limit,
     )
