@@ -98,15 +98,8 @@ def child(args: argparse.Namespace) -> dict:
         reset_peak_rss()
         base = rss_bytes()
     seconds = iteration(steps)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = peak_rss_bytes() - base
-    return {"mode": mode, "steps": steps, "seconds": seconds, "peak_bytes": peak, "parameters": start_size(model)}
-
-
-def start_size(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()) - base
+    return {"mode": mode, "steps": steps, "seconds": seconds, "peak_bytes": peak}
 
 
 def available_bytes() -> int:

@@ -30,8 +30,8 @@ from engine.experiment import (
 from engine.models.params import select_parameters
 from engine.models.registry import ModelSpec, build_model
 from engine.storage import StorageConfig
+from engine.trajectories.experts import build_shared_frozen
 from engine.trajectories.store import TrajectoryStore
-from engine.trajectories.train import build_seeded
 
 
 @dataclass
@@ -41,6 +41,7 @@ class DistillInputs:
     distill: DistillConfig
     spec: ModelSpec
     record: str
+    frozen_seed: int  # the experts' base seed: the student's frozen parameters must be theirs
     store_url: str
     storage_config: StorageConfig
     out_url: str
@@ -66,7 +67,8 @@ def prepare_inputs(config: ExperimentConfig, distill: DistillConfig) -> DistillI
     preprocess = load_preprocess(config)
     train = load_split(config, config.data.split)
     return DistillInputs(
-        distill=distill, spec=spec, record=config.experts.record, store_url=config.store_url,
+        distill=distill, spec=spec, record=config.experts.record, frozen_seed=config.experts.seed,
+        store_url=config.store_url,
         storage_config=config.storage, out_url=config.distill_dir(distill.ipc), preprocess=preprocess,
         images=preprocess.apply(train.images), labels=train.labels, class_names=manifest.class_names,
         fingerprint=data_fingerprint(config, manifest),
@@ -77,8 +79,9 @@ def build_distiller(inputs: DistillInputs, device: torch.device, *, rank: int = 
                     reduce: Reduce | None = None, on_iteration=None) -> Distiller:
     config = inputs.distill
     store = TrajectoryStore.open(inputs.store_url, inputs.storage_config)
-    model = build_seeded(lambda: build_model(inputs.spec), config.seed).to(device)
-    names = select_parameters(model, inputs.record)
+    model, names = build_shared_frozen(inputs.spec, inputs.record, frozen_seed=inputs.frozen_seed,
+                                       seed=inputs.frozen_seed)
+    model.to(device)
     segments = ExpertSegments(store, device)
     method = MTT(model, names, config)
     step_size = config.lr_teacher or float(store.manifest.hparams["lr"])

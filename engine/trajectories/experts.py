@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from engine.evaluate.retrieval import embedding_recalls
-from engine.models.params import select_parameters
+from engine.models.params import get_flat, select_parameters, set_flat
 from engine.models.registry import ModelSpec, build_model
 from engine.storage import StorageConfig
 from engine.trajectories.store import ExpertStatus, TrajectoryStore, record_expert
@@ -57,8 +57,19 @@ class ExpertPlan:
 
 
 def build_expert_model(plan: ExpertPlan, seed: int) -> tuple[nn.Module, list[str]]:
-    model = build_seeded(lambda: build_model(plan.spec), seed)
-    return model, select_parameters(model, plan.record)
+    """The model of one expert: recorded parameters initialised from ``seed``, every other (frozen)
+    parameter from ``plan.seed``, so that all experts — and the student that is matched against
+    them — share the frozen part (a randomly initialised tower under LoRA adapters, for example)."""
+    return build_shared_frozen(plan.spec, plan.record, frozen_seed=plan.seed, seed=seed)
+
+
+def build_shared_frozen(spec: ModelSpec, record: str, *, frozen_seed: int, seed: int) -> tuple[nn.Module, list[str]]:
+    model = build_seeded(lambda: build_model(spec), frozen_seed)
+    names = select_parameters(model, record)
+    if seed != frozen_seed:
+        own = build_seeded(lambda: build_model(spec), seed)
+        set_flat(model, names, get_flat(own, names))
+    return model, names
 
 
 def open_store(plan: ExpertPlan) -> TrajectoryStore:
