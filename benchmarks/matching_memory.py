@@ -4,7 +4,8 @@
     uv run python benchmarks/matching_memory.py --steps 5 10 --ipc 1  # quicker
     uv run python benchmarks/matching_memory.py --device cuda         # on a GPU (peak CUDA memory)
 
-Each (mode, N) runs in a fresh child process, so peaks do not mix: one warm-up iteration of N=2,
+Three variants: ``unrolled``; ``exact`` keeping all N + 1 parameter vectors (``exact_stride: 1``);
+``exact`` keeping every ⌈√N⌉-th vector (the default). Each (variant, N) runs in a fresh child process, so peaks do not mix: one warm-up iteration of N=2,
 then one timed iteration of N steps (MTT's setting: 10 classes x IPC images, every image in every
 step, DSA on). On the CPU the peak is the child's peak resident set size (reset just before the iteration)
 minus its resident size at that moment (torch, the model and the data); the child runs under an address-space
@@ -24,6 +25,8 @@ import sys
 import time
 
 GIB = 2**30
+# unrolled autograd; exact keeping all N + 1 parameter vectors; exact keeping ~2 sqrt(N) (the default)
+VARIANTS = ("unrolled", "exact:1", "exact")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,7 +68,8 @@ def child(args: argparse.Namespace) -> dict:
     from engine.distill.mtt import MTT, init_synthetic
     from engine.models import ModelSpec, build_model, get_flat, select_parameters
 
-    mode, steps = args.child[0], int(args.child[1])
+    variant, steps = args.child[0], int(args.child[1])
+    mode, _, stride = variant.partition(":")  # "exact:1" keeps all N + 1 parameter vectors
     device = torch.device(args.device)
     torch.manual_seed(0)
     spec = ModelSpec.create("convnet", channels=3, num_classes=10, image_size=args.image_size, width=args.width,
@@ -85,7 +89,8 @@ def child(args: argparse.Namespace) -> dict:
         target = start + 0.01 * torch.randn_like(start)
         problem = method.problem(synthetic, torch.Generator().manual_seed(1))
         began = time.perf_counter()
-        match_trajectory(problem, start, target, synthetic.alphas, method.groups, n, [synthetic.images], mode)
+        match_trajectory(problem, start, target, synthetic.alphas, method.groups, n, [synthetic.images], mode,
+                         int(stride) if stride else None)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - began
@@ -99,7 +104,7 @@ def child(args: argparse.Namespace) -> dict:
         base = rss_bytes()
     seconds = iteration(steps)
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()) - base
-    return {"mode": mode, "steps": steps, "seconds": seconds, "peak_bytes": peak}
+    return {"mode": variant, "steps": steps, "seconds": seconds, "peak_bytes": peak}
 
 
 def available_bytes() -> int:
@@ -135,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
           f"device {args.device}" + (f", limit {limit / GIB:.1f} GiB per run" if limit else ""), flush=True)
     results: dict[tuple[str, int], dict] = {}
     for steps in args.steps:
-        for mode in ("unrolled", "exact"):
+        for mode in VARIANTS:
             result = measure(args, mode, steps, limit)
             results[mode, steps] = result
             shown = (f"{result['peak_bytes'] / GIB:7.2f} GiB  {result['seconds']:8.2f} s" if "error" not in result
@@ -152,23 +157,21 @@ def cell(result: dict) -> tuple[str, str]:
 
 
 def print_table(steps: list[int], results: dict[tuple[str, int], dict]) -> None:
-    print("\n|   N | unrolled peak GiB | unrolled s/it | exact peak GiB | exact s/it | time exact/unrolled |")
-    print("|---|---|---|---|---|---|")
+    print("\n|   N | unrolled peak GiB | unrolled s/it | exact (all vectors) peak GiB | s/it "
+          "| exact (sqrt N vectors) peak GiB | s/it | time exact / unrolled |")
+    print("|---|---|---|---|---|---|---|---|")
     for n in steps:
-        unrolled, exact = results["unrolled", n], results["exact", n]
-        ratio = (f"{exact['seconds'] / unrolled['seconds']:.2f}x" if "error" not in unrolled and "error" not in exact
+        unrolled, every, sqrt = (results[v, n] for v in VARIANTS)
+        ratio = (f"{sqrt['seconds'] / unrolled['seconds']:.2f}x" if "error" not in unrolled and "error" not in sqrt
                  else "-")
-        print(f"| {n:>3} | {' | '.join(cell(unrolled))} | {' | '.join(cell(exact))} | {ratio} |")
-    fitted = [n for n in steps if "error" not in results["exact", n]]
-    if len(fitted) >= 2:
-        low, high = results["exact", fitted[0]], results["exact", fitted[-1]]
-        print(f"\nexact: peak at N={fitted[-1]} is {high['peak_bytes'] / max(low['peak_bytes'], 1):.2f}x "
-              f"its peak at N={fitted[0]}")
-    grown = [n for n in steps if "error" not in results["unrolled", n]]
-    if len(grown) >= 2:
-        low, high = results["unrolled", grown[0]], results["unrolled", grown[-1]]
-        print(f"unrolled: peak at N={grown[-1]} is {high['peak_bytes'] / max(low['peak_bytes'], 1):.2f}x "
-              f"its peak at N={grown[0]}")
+        cells = [c for r in (unrolled, every, sqrt) for c in cell(r)]
+        print(f"| {n:>3} | {' | '.join(cells)} | {ratio} |")
+    for variant, name in zip(VARIANTS, ("unrolled", "exact (all vectors)", "exact (sqrt N vectors)"), strict=True):
+        fitted = [n for n in steps if "error" not in results[variant, n]]
+        if len(fitted) >= 2:
+            low, high = results[variant, fitted[0]], results[variant, fitted[-1]]
+            print(f"{name}: peak at N={fitted[-1]} is {high['peak_bytes'] / max(low['peak_bytes'], 1):.2f}x "
+                  f"its peak at N={fitted[0]}")
 
 
 if __name__ == "__main__":

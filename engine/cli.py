@@ -19,6 +19,7 @@ JOBS: dict[str, tuple[str, str]] = {
     "buffer": ("jobs.buffer", "train N expert trajectories in parallel on Ray into a trajectory store"),
     "distill": ("jobs.distill", "trajectory matching: distil a synthetic set from the expert trajectories"),
     "pipeline": ("jobs.pipeline", "buffer -> distill at every size -> evaluate against coresets, end to end"),
+    "sweep": ("jobs.sweep", "search distillation hyper-parameters with Ray Tune (ASHA); best config as YAML"),
     "evaluate": ("jobs.evaluate", "train fresh networks on distilled sets and coresets; results.json + a table"),
 }
 

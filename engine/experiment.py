@@ -12,7 +12,7 @@ model spec, the data fingerprint and the preprocessed tensors in exactly the sam
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -98,6 +98,43 @@ class PipelineConfig(Section):
         return value
 
 
+SEARCH_SPACE_KINDS = ("choice", "uniform", "loguniform", "grid")
+
+
+class SweepConfig(Section):
+    """A Ray Tune search over any keys of this config (``distill sweep``)."""
+
+    space: dict[str, dict[str, list[Any]]] = Field(
+        default_factory=dict,
+        description="dotted key -> {choice: [...]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]} | {grid: [...]}",
+    )
+    num_samples: int = Field(4, ge=1, description="Samples of the space (each grid point num_samples times).")
+    metric: str = Field("val_accuracy", description="Reported every report_every iterations; val_rsum for pairs.")
+    mode: Literal["max", "min"] = "max"
+    report_every: int = Field(50, ge=1, description="Distillation iterations between quick evaluations.")
+    eval_epochs: int = Field(100, ge=1, description="Epochs of the quick evaluation's network.")
+    scheduler: Literal["asha", "none"] = Field("asha", description="asha: stop poor trials early.")
+    grace_period: int = Field(1, ge=1, description="ASHA: reports before a trial can be stopped.")
+    reduction_factor: float = Field(2.0, gt=1, description="ASHA: keep the top 1/reduction_factor at each rung.")
+    search: Literal["random", "optuna"] = Field("random", description="optuna needs the optuna package.")
+    max_concurrent: int | None = Field(None, ge=1, description="Trials at once (default: as resources allow).")
+    storage: PathOrURL | None = Field(None, description="Tune's experiment folder (default <run_dir>/sweep/tune).")
+    seed: int = 0
+
+    @field_validator("space")
+    @classmethod
+    def _known_kinds(cls, space: dict[str, dict[str, list[Any]]]) -> dict[str, dict[str, list[Any]]]:
+        for key, spec in space.items():
+            if len(spec) != 1 or next(iter(spec)) not in SEARCH_SPACE_KINDS:
+                raise ValueError(f"{key}: give exactly one of {', '.join(SEARCH_SPACE_KINDS)}, got {spec}")
+            kind, values = next(iter(spec.items()))
+            if not values or (kind in ("uniform", "loguniform") and len(values) != 2):
+                raise ValueError(f"{key}: {kind} needs {'[low, high]' if kind != 'choice' else 'values'}, got {values}")
+            if kind == "loguniform" and min(values) <= 0:
+                raise ValueError(f"{key}: loguniform bounds must be > 0, got {values}")
+        return space
+
+
 class ExperimentConfig(JobConfig):
     data: DataConfig
     prepare: PrepareConfig | None = None
@@ -107,6 +144,7 @@ class ExperimentConfig(JobConfig):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
 
     @model_validator(mode="after")

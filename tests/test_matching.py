@@ -36,15 +36,15 @@ def problem_setup(labels: str, batch_syn: int | None, dsa: bool = True):
     return config, synthetic, method, start, target
 
 
-@pytest.mark.parametrize(("labels", "batch_syn"), [("hard", None), ("soft", 3)])
-def test_exact_equals_unrolled_with_augmentation(labels, batch_syn):
+@pytest.mark.parametrize(("labels", "batch_syn", "stride"), [("hard", None, 1), ("soft", 3, None), ("hard", 2, 3)])
+def test_exact_equals_unrolled_with_augmentation(labels, batch_syn, stride):
     config, synthetic, method, start, target = problem_setup(labels, batch_syn)
     leaves = [t for name, t in synthetic.learnable().items() if name != "alphas"]
     results = {}
     for mode in ("unrolled", "exact"):
         problem = method.problem(synthetic, torch.Generator().manual_seed(7))  # same batches and draws
         results[mode] = match_trajectory(problem, start, target, synthetic.alphas, method.groups,
-                                         config.syn_steps, leaves, mode)
+                                         config.syn_steps, leaves, mode, stride)
     unrolled, exact = results["unrolled"], results["exact"]
     assert unrolled.loss == pytest.approx(exact.loss, rel=1e-12)
     assert len(exact.leaf_grads) == (2 if labels == "soft" else 1)

@@ -29,6 +29,10 @@ class DistillConfig(Section):
     segments_per_iteration: int = Field(1, ge=1, description="Expert segments whose gradients are averaged.")
     batch_syn: int | None = Field(None, ge=1, description="Synthetic samples per student step (None: all).")
     gradient: GradientMode = Field("exact", description="exact (constant memory) or unrolled (autograd).")
+    exact_stride: int | None = Field(
+        None, ge=1, description="exact: keep every k-th parameter vector, recompute the rest (None: ceil(sqrt(N)); "
+        "1: keep all, fastest)."
+    )
     init: Literal["real", "noise"] = Field("real", description="Initialise from random real samples or noise.")
     labels: Literal["hard", "soft"] = Field("hard", description="soft: learnable, initialised from expert logits.")
     lr_img: float = Field(1000.0, gt=0, description="Outer SGD lr of the synthetic images (and text vectors).")

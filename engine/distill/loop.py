@@ -153,7 +153,7 @@ class Distiller:
             target = self.segments.flat(segment.expert, segment.start_epoch + self.config.expert_epochs)
             problem = self.method.problem(self.synthetic, generator)
             result = match_trajectory(problem, start, target, self.synthetic.alphas, self.method.groups,
-                                      self.config.syn_steps, leaves, self.config.gradient)
+                                      self.config.syn_steps, leaves, self.config.gradient, self.config.exact_stride)
             total_loss += result.loss
             for acc, grad in zip(totals, [*result.leaf_grads, result.alpha_grad], strict=True):
                 acc += grad

@@ -95,6 +95,22 @@ def classification_rows(config: ExperimentConfig, sizes: list[int], device: torc
         yield row("full", size, scores)
 
 
+def quick_score(config: ExperimentConfig) -> Callable[[SyntheticSet], float]:
+    """A fast proxy of a synthetic set's quality for sweeps: one network trained for
+    ``sweep.eval_epochs`` epochs, accuracy on ``evaluate.split``."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    data = load_classification_data(config, device)
+    ev = config.evaluate
+    train = ev.train.model_copy(update={"epochs": config.sweep.eval_epochs})
+
+    def score(synthetic: SyntheticSet) -> float:
+        lr = float(synthetic.alphas.mean()) if ev.use_learned_lr else train.lr
+        return evaluate_set(data.build, synthetic.images.to(device), synthetic.labels.to(device), data.eval_images,
+                            data.eval_labels, train, lr, repeats=1, seed=ev.seed).mean
+
+    return score
+
+
 class CoresetChooser:
     """Coreset indices into the training split; expert features and forgetting counts computed once."""
 
