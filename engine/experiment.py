@@ -22,9 +22,10 @@ from engine.data import reader
 from engine.data.manifest import ShardManifest
 from engine.data.preprocess import Preprocess, PreprocessConfig
 from engine.data.reader import DataConfig, InMemoryData
+from engine.data.text_features import CaptionFeatures, caption_features
 from engine.data.writers import PrepareConfig, ensure_shards
 from engine.distill.config import DistillConfig
-from engine.errors import ConfigError
+from engine.errors import ConfigError, DataError
 from engine.evaluate.classification import TrainConfig
 from engine.models.registry import ARCHITECTURES, LoraSpec, ModelSpec
 from engine.runtime.cluster import ResourcesConfig
@@ -66,6 +67,8 @@ class EvaluateConfig(Section):
 
     methods: list[str] = Field(default_factory=lambda: ["distilled", *CORESET_METHODS],
                                description="distilled and coreset methods: random, herding, kcenter, forgetting.")
+    sizes: list[int] | None = Field(None, description="Coreset sizes (default: pipeline.ipcs); distilled sets are "
+                                    "evaluated at pipeline.ipcs.")
     full: bool = Field(False, description="Also train on the whole training split (the upper bound).")
     full_epochs: int = Field(30, ge=1, description="Epochs of the full-data run.")
     repeats: int = Field(3, ge=1, description="Fresh networks per set; mean and std are reported.")
@@ -135,11 +138,27 @@ class SweepConfig(Section):
         return space
 
 
+class PretrainConfig(Section):
+    """An image tower the engine trains first on labelled images (e.g. CIFAR-10), for image-text models:
+    a classification run whose trunk is saved to ``checkpoint`` and reused by every later run."""
+
+    data: DataConfig
+    prepare: PrepareConfig | None = None
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The classifier; its trunk is the tower.")
+    train: ExpertConfig = Field(default_factory=lambda: ExpertConfig(epochs=6, lr=0.05, momentum=0.9,
+                                                                     weight_decay=5e-4, batch_size=256))
+    val_split: str | None = Field("val", description="Split whose accuracy is printed after every epoch.")
+    checkpoint: PathOrURL | None = Field(None, description="Local file; default <run_dir>/pretrain/tower.safetensors.")
+    seed: int = 0
+
+
 class ExperimentConfig(JobConfig):
     data: DataConfig
     prepare: PrepareConfig | None = None
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    pretrain: PretrainConfig | None = Field(None, description="Image tower trained first (image-text models).")
     experts: ExpertsConfig = Field(default_factory=ExpertsConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
@@ -155,6 +174,9 @@ class ExperimentConfig(JobConfig):
                 f"experts.train.objective {self.experts.train.objective!r} does not fit model.arch "
                 f"{self.model.arch!r} (contrastive needs one of {', '.join(CONTRASTIVE_ARCHS)})"
             )
+        if self.tower_checkpoint and storage.is_remote(self.tower_checkpoint):
+            raise ValueError(f"pretrain.checkpoint must be a local file (towers load from local paths), "
+                             f"got {self.tower_checkpoint}; set it when run_dir is remote")
         if "distill" in self.model_fields_set:  # a config for experts only need not fit the defaults
             self._check_window("distill", self.distill)
         for ipc in self.pipeline.per_ipc:
@@ -168,6 +190,13 @@ class ExperimentConfig(JobConfig):
                 f"needs experts of {distill.max_start_epoch + distill.expert_epochs - 1} epochs; "
                 f"experts.train.epochs is {self.experts.train.epochs}"
             )
+
+    @property
+    def tower_checkpoint(self) -> str | None:
+        """Where the pretrained image tower is (or will be) saved, if the config pre-trains one."""
+        if self.pretrain is None:
+            return None
+        return self.pretrain.checkpoint or storage.join(self.run_dir, "pretrain", "tower.safetensors")
 
     @property
     def contrastive(self) -> bool:
@@ -192,12 +221,20 @@ class ExperimentConfig(JobConfig):
 
 
 def model_spec(config: ExperimentConfig, manifest: ShardManifest, model: ModelConfig | None = None) -> ModelSpec:
-    """The model's spec with the data's shape filled in; a conflicting explicit value is an error."""
-    model = model or config.model
+    """The model's spec with the data's shape (and the pre-trained tower) filled in."""
+    return model_spec_for(model or config.model, config.data, manifest, config.tower_checkpoint)
+
+
+def model_spec_for(model: ModelConfig, data: DataConfig, manifest: ShardManifest,
+                   tower_checkpoint: str | None = None) -> ModelSpec:
+    """``channels``, ``num_classes``, ``image_size``, ``frames`` from the data where the builder takes them;
+    a conflicting explicit value is an error."""
     takes = inspect.signature(ARCHITECTURES[model.arch]).parameters
-    from_data = {"channels": config.data.channels, "num_classes": len(manifest.classes),
-                 "image_size": config.data.image_size, "frames": config.data.frames}
+    from_data = {"channels": data.channels, "num_classes": len(manifest.classes),
+                 "image_size": data.image_size, "frames": data.frames}
     kwargs = dict(model.kwargs)
+    if tower_checkpoint and "image_checkpoint" in takes:
+        kwargs.setdefault("image_checkpoint", tower_checkpoint)  # the engine's pre-trained tower
     for key, value in from_data.items():
         if key not in takes or (key == "num_classes" and not manifest.classes):
             continue
@@ -230,3 +267,17 @@ def load_split(config: ExperimentConfig, split: str) -> InMemoryData:
 
 def load_preprocess(config: ExperimentConfig) -> Preprocess:
     return Preprocess.load(config.store_url, config.storage)
+
+
+def caption_features_of(config: ExperimentConfig, manifest: ShardManifest, spec: ModelSpec, split_data: InMemoryData,
+                        split: str) -> CaptionFeatures:
+    """Features of every caption of a split from the model's frozen text tower, computed once per data
+    set and tower and cached in ``<run_dir>/cache``."""
+    from engine.models.clip import TextTower
+
+    if not any(split_data.captions):
+        raise DataError(f"{config.data.shards}: split {split!r} has no captions; image-text models need pairs")
+    text_model = str(spec.kwargs["text_model"])
+    cache = storage.join(config.run_dir, "cache")
+    return caption_features(lambda: TextTower.from_pretrained(text_model), text_model, split_data.captions, cache,
+                            manifest.fingerprint(), split, config.storage)

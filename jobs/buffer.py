@@ -1,6 +1,7 @@
 """distill buffer <config.yaml> [key=value ...]: train N expert trajectories in parallel on Ray.
 
-    load config -> write the shards if missing -> read train (and validation) data through Ray Data
+    load config -> pre-train the image tower if the config has one and it is not cached
+    -> write the shards if missing -> read train (and validation) data through Ray Data
     -> open the trajectory store (refusing one recorded for another model, data or recipe)
     -> one Ray Tune trial per expert not yet complete, each resuming from its last saved epoch
     -> results.json + a table of the experts' final metrics in <run_dir>/buffer/
@@ -19,13 +20,19 @@ from engine.config import load_config, split_config_args, to_yaml
 from engine.data.manifest import ShardManifest
 from engine.data.preprocess import FILE_NAME as PREPROCESS_FILE
 from engine.data.preprocess import Preprocess
-from engine.data.text_features import caption_features
-from engine.errors import DataError
-from engine.experiment import ExperimentConfig, data_fingerprint, load_split, model_spec, prepare_data
+from engine.experiment import (
+    ExperimentConfig,
+    caption_features_of,
+    data_fingerprint,
+    load_split,
+    model_spec,
+    prepare_data,
+)
 from engine.models.registry import ModelSpec
 from engine.runtime.cluster import init_ray
 from engine.runtime.experts import train_experts_locally, train_experts_on_ray
 from engine.trajectories.experts import EvalData, ExpertPlan, open_store
+from engine.trajectories.pretrain import ensure_tower
 from engine.trajectories.train import ExpertData
 
 POLL_SECONDS = 5.0
@@ -52,28 +59,13 @@ def build_plan(config: ExperimentConfig, manifest: ShardManifest, spec: ModelSpe
     return plan, preprocess
 
 
-def text_tower_name(spec: ModelSpec) -> str:
-    return str(spec.kwargs.get("text_model"))
-
-
 def pair_data(config: ExperimentConfig, manifest: ShardManifest, spec: ModelSpec, train, val):
     """Image-text experts train on every (image, caption) pair, with cached caption features."""
-    from engine.models.clip import TextTower
-
-    tower = TextTower.from_pretrained(spec.kwargs["text_model"])
-    cache = storage.join(config.run_dir, "cache")
-
-    def features(split_data, split):
-        if not any(split_data.captions):
-            raise DataError(f"{config.data.shards}: split {split!r} has no captions; contrastive experts need pairs")
-        return caption_features(tower, text_tower_name(spec), split_data.captions, cache, manifest.fingerprint(),
-                                split, config.storage)
-
-    train_features = features(train, config.data.split)
+    train_features = caption_features_of(config, manifest, spec, train, config.data.split)
     data = ExpertData(train.images[train_features.image_index], train_features.features)
     if val is None:
         return data, None
-    val_features = features(val, config.experts.val_split)
+    val_features = caption_features_of(config, manifest, spec, val, config.experts.val_split)
     return data, EvalData(val.images, val_features.features, val_features.image_index)
 
 
@@ -86,6 +78,7 @@ def run_buffer(config: ExperimentConfig) -> dict[str, Any]:
     """Train every expert that is not complete; returns the results written to <run_dir>/buffer/."""
     if config.resources.use_ray:
         init_ray(config.resources)
+    ensure_tower(config)  # image-text configs: the pre-trained image tower, trained once and cached
     manifest = prepare_data(config)
     spec = model_spec(config, manifest)
     plan, preprocess = build_plan(config, manifest, spec)

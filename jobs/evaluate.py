@@ -18,6 +18,7 @@ import torch
 from engine import cli, storage
 from engine.config import load_config, split_config_args
 from engine.evaluate.baselines import classification_rows, results_table
+from engine.evaluate.pairs import pair_rows
 from engine.experiment import ExperimentConfig
 from engine.runtime.cluster import init_ray
 
@@ -29,7 +30,10 @@ def run_evaluate(config: ExperimentConfig, sizes: list[int] | None = None) -> li
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"evaluating at sizes {sizes} on the {config.evaluate.split} split "
           f"({config.evaluate.repeats} networks per set)", flush=True)
-    rows = list(classification_rows(config, sizes, device))
+    if config.contrastive:
+        rows = list(pair_rows(config, sizes, config.evaluate.sizes or sizes, device))
+    else:
+        rows = list(classification_rows(config, sorted(set(sizes) | set(config.evaluate.sizes or [])), device))
     write_results(config, rows)
     return rows
 

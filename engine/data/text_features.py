@@ -47,7 +47,10 @@ def caption_features(
     tower, tower_name: str, captions: list[list[str]], cache_dir: str, data_fingerprint: str, split: str,
     storage_config: StorageConfig | None = None,
 ) -> CaptionFeatures:
-    """Features of every caption from ``tower.embed_captions``, read from ``cache_dir`` when cached."""
+    """Features of every caption from ``tower.embed_captions``, read from ``cache_dir`` when cached.
+
+    ``tower`` may be a callable that loads the tower: it is then loaded only on a cache miss.
+    """
     flat, image_index = flatten_captions(captions)
     key = cache_key(tower_name, data_fingerprint, split, len(flat))
     url = storage.join(cache_dir, f"text-features-{split}-{key}.safetensors")
@@ -55,6 +58,8 @@ def caption_features(
         tensors = load_safetensors(storage.read_bytes(url, storage_config))
         return CaptionFeatures(tensors["features"], tensors["image_index"])
     logger.info("computing text features of %d %s captions with %s", len(flat), split, tower_name)
+    if not hasattr(tower, "embed_captions"):
+        tower = tower()
     with torch.no_grad():
         features = tower.embed_captions(flat).contiguous()
     storage.write_bytes(url, save_safetensors({"features": features, "image_index": image_index}), storage_config)

@@ -7,7 +7,7 @@ and a loop on a device, the same way in one process or in every data-parallel wo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -15,12 +15,15 @@ from torch import Tensor
 
 from engine import storage
 from engine.data.preprocess import Preprocess
+from engine.data.text_features import CaptionFeatures
 from engine.distill.config import DistillConfig
 from engine.distill.loop import Distiller, ExpertSegments, Reduce
 from engine.distill.mtt import MTT, init_synthetic, soft_labels_from_expert
 from engine.distill.synthetic import SyntheticSet, save_outputs
+from engine.distill.vl import VisionLanguage, init_pairs, nearest_captions
 from engine.experiment import (
     ExperimentConfig,
+    caption_features_of,
     data_fingerprint,
     load_preprocess,
     load_split,
@@ -47,9 +50,12 @@ class DistillInputs:
     out_url: str
     preprocess: Preprocess
     images: Tensor  # training split, model-input space
-    labels: Tensor
+    labels: Tensor  # class indices (-1 for image-text data)
     class_names: list[str]
     fingerprint: str
+    pairs: CaptionFeatures | None = None  # image-text data: every training caption's feature and image
+    captions: list[str] = field(default_factory=list)  # the training captions, flat (nearest-caption display)
+    temperature: float = 0.07  # the experts' InfoNCE temperature
 
     @property
     def num_classes(self) -> int:
@@ -66,12 +72,15 @@ def prepare_inputs(config: ExperimentConfig, distill: DistillConfig) -> DistillI
     store.check_compatible(spec, {n: params[n] for n in names}, fingerprint=data_fingerprint(config, manifest))
     preprocess = load_preprocess(config)
     train = load_split(config, config.data.split)
+    pairs = caption_features_of(config, manifest, spec, train, config.data.split) if config.contrastive else None
     return DistillInputs(
         distill=distill, spec=spec, record=config.experts.record, frozen_seed=config.experts.seed,
         store_url=config.store_url,
         storage_config=config.storage, out_url=config.distill_dir(distill.ipc), preprocess=preprocess,
         images=preprocess.apply(train.images), labels=train.labels, class_names=manifest.class_names,
-        fingerprint=data_fingerprint(config, manifest),
+        fingerprint=data_fingerprint(config, manifest), pairs=pairs,
+        captions=[c for per_image in train.captions for c in per_image] if pairs is not None else [],
+        temperature=config.experts.train.temperature,
     )
 
 
@@ -83,22 +92,27 @@ def build_distiller(inputs: DistillInputs, device: torch.device, *, rank: int = 
                                        seed=inputs.frozen_seed)
     model.to(device)
     segments = ExpertSegments(store, device)
-    method = MTT(model, names, config)
     step_size = config.lr_teacher or float(store.manifest.hparams["lr"])
     generator = torch.Generator().manual_seed(config.seed)
-    synthetic = init_synthetic(inputs.images.to(device), inputs.labels.to(device), inputs.num_classes, config,
-                               step_size, generator)
-    if config.labels == "soft":
-        epoch = min(config.max_start_epoch, store.num_epochs)
-        synthetic.labels = soft_labels_from_expert(synthetic, method.student, segments.flat(segments.experts[0], epoch))
-    synthetic.metadata = describe_run(inputs, store)
+    images = inputs.images.to(device)
+    if inputs.pairs is not None:
+        method = VisionLanguage(model, names, config, inputs.temperature)
+        synthetic = init_pairs(images, inputs.pairs.features.to(device), inputs.pairs.image_index, config.ipc,
+                               config, step_size, generator)
+    else:
+        method = MTT(model, names, config)
+        synthetic = init_synthetic(images, inputs.labels.to(device), inputs.num_classes, config, step_size, generator)
+        if config.labels == "soft":
+            expert = segments.flat(segments.experts[0], min(config.max_start_epoch, store.num_epochs))
+            synthetic.labels = soft_labels_from_expert(synthetic, method.student, expert)
+    synthetic.metadata = {**describe_run(inputs, store), **synthetic.metadata}
     return Distiller(config, synthetic, method, segments, inputs.out_url, inputs.storage_config, rank=rank,
                      world_size=world_size, reduce=reduce, on_iteration=on_iteration)
 
 
 def describe_run(inputs: DistillInputs, store: TrajectoryStore) -> dict[str, Any]:
     return {
-        "method": "mtt", "ipc": inputs.distill.ipc, "model": inputs.spec.model_dump(mode="json"),
+        "method": "mtt" if inputs.pairs is None else "vl", "ipc": inputs.distill.ipc, "model": inputs.spec.model_dump(mode="json"),
         "source_store": storage.redact(store.url), "num_experts": len(store.experts()),
         "data_fingerprint": inputs.fingerprint, "classes": inputs.class_names,
         "distill": inputs.distill.model_dump(mode="json"),
@@ -113,7 +127,12 @@ def finish(inputs: DistillInputs, distiller: Distiller) -> SyntheticSet:
         "step_sizes": result.alphas.tolist(),
         "loss_history": distiller.history,
     }
-    save_outputs(result, inputs.out_url, inputs.preprocess, inputs.class_names, inputs.storage_config)
+    shown = None
+    if result.text is not None:  # synthetic text vectors shown as their nearest real captions
+        nearest = nearest_captions(result.text, inputs.pairs.features, inputs.captions)
+        result.metadata["nearest_captions"] = [{"caption": c, "similarity": round(s, 4)} for c, s in nearest]
+        shown = [c for c, _ in nearest]
+    save_outputs(result, inputs.out_url, inputs.preprocess, inputs.class_names, inputs.storage_config, shown)
     return result
 
 

@@ -8,10 +8,13 @@ what the experts were trained on. Outputs under ``<out>/``:
     manifest.json           the same manifest, readable without safetensors
     shards/                 a WebDataset shard of the images as PNG pixels (+ .cls / .json) and its manifest
     grid.png                the images as pixels, one row per class
+    pairs.html              image-text pairs: each image beside the real caption nearest its text vector
 """
 
 from __future__ import annotations
 
+import base64
+import html
 import io
 import json
 from dataclasses import dataclass, field
@@ -110,6 +113,20 @@ def save_outputs(
     ipc = max(1, len(synthetic) // max(1, len(class_names))) if labels is not None else 10
     save_grid(pixels, storage.join(out_url, "grid.png"), nrow=ipc if labels is not None else 10, labels=tags,
               storage_config=storage_config)
+    if captions is not None:
+        storage.write_text(storage.join(out_url, "pairs.html"), pairs_sheet(pixels, captions), storage_config)
+
+
+def pairs_sheet(pixels: Tensor, captions: list[str]) -> str:
+    """An HTML page of the synthetic pairs: each image beside the real caption nearest its text vector."""
+    rows = "\n".join(
+        f'<tr><td>{i}</td><td><img src="data:image/png;base64,{base64.b64encode(_png(image)).decode()}" '
+        f'width="96" style="image-rendering: pixelated"></td><td>{html.escape(caption)}</td></tr>'
+        for i, (image, caption) in enumerate(zip(pixels, captions, strict=True))
+    )
+    return ("<!doctype html><meta charset=utf-8><title>distilled pairs</title>"
+            "<p>Synthetic image-text pairs; each text vector is shown as its nearest real caption.</p>"
+            f"<table><tr><th>#</th><th>image</th><th>nearest caption</th></tr>\n{rows}\n</table>\n")
 
 
 def _write_pixel_shard(pixels: Tensor, labels: list[int] | None, class_names: list[str], url: str,

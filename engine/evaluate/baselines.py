@@ -97,11 +97,23 @@ def classification_rows(config: ExperimentConfig, sizes: list[int], device: torc
 
 def quick_score(config: ExperimentConfig) -> Callable[[SyntheticSet], float]:
     """A fast proxy of a synthetic set's quality for sweeps: one network trained for
-    ``sweep.eval_epochs`` epochs, accuracy on ``evaluate.split``."""
+    ``sweep.eval_epochs`` epochs; accuracy (or, for pairs, rsum) on ``evaluate.split``."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = load_classification_data(config, device)
     ev = config.evaluate
     train = ev.train.model_copy(update={"epochs": config.sweep.eval_epochs})
+    if config.contrastive:
+        from engine.distill.vl import learned_lr
+        from engine.evaluate.pairs import evaluate_pairs, load_pair_data
+
+        pairs = load_pair_data(config, device)
+        once = config.model_copy(update={"evaluate": ev.model_copy(update={"repeats": 1, "train": train})})
+
+        def rsum(synthetic: SyntheticSet) -> float:
+            lr = learned_lr(synthetic.alphas) if ev.use_learned_lr else train.lr
+            return evaluate_pairs(pairs, synthetic.images.to(device), synthetic.text.to(device), once, lr)["rsum"].mean
+
+        return rsum
 
     def score(synthetic: SyntheticSet) -> float:
         lr = float(synthetic.alphas.mean()) if ev.use_learned_lr else train.lr
@@ -167,7 +179,25 @@ class CoresetChooser:
 
 
 def results_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown: one row per method, one column per size, ``mean ± std`` of each metric."""
+    """Markdown, ``mean ± std``: one metric (accuracy) -> a row per method and a column per size;
+    several (retrieval recalls) -> a row per (method, size) and a column per metric."""
+    metrics = list(dict.fromkeys(r["metric"] for r in rows))
+    if len(metrics) > 1:
+        return _metric_columns(rows, metrics)
+    return _size_columns(rows)
+
+
+def _metric_columns(rows: list[dict[str, Any]], metrics: list[str]) -> str:
+    lookup = {(r["method"], r["size"], r["metric"]): r for r in rows}
+    keys = list(dict.fromkeys((r["method"], r["size"]) for r in rows))
+    lines = ["| method | size | " + " | ".join(metrics) + " |", "|" + "---|" * (len(metrics) + 2)]
+    for method, size in keys:
+        cells = [_cell(lookup.get((method, size, m))) for m in metrics]
+        lines.append(f"| {method} | {size} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _size_columns(rows: list[dict[str, Any]]) -> str:
     sizes = sorted({r["size"] for r in rows if r["method"] != "full"})
     metrics = list(dict.fromkeys(r["metric"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))

@@ -47,24 +47,35 @@ class Scores:
         return float(np.std(self.values))
 
 
-def train_network(model: nn.Module, images: Tensor, targets: Tensor, config: TrainConfig, lr: float,
-                  seed: int) -> nn.Module:
-    """Train ``model`` in place; ``targets`` are labels (int64) or soft label logits (float)."""
+LossFn = Callable[[nn.Module, Tensor, Tensor], Tensor]  # (model, inputs, targets) -> scalar loss
+
+
+def classify(model: nn.Module, images: Tensor, targets: Tensor) -> Tensor:
+    return classification_loss(model(images), targets)
+
+
+def train_network(model: nn.Module, images: Tensor, targets: Tensor, config: TrainConfig,
+                  lr: float | Callable[[str], float], seed: int, loss: LossFn = classify) -> nn.Module:
+    """Train the parameters of ``model`` that require grad, in place. ``targets``: labels (int64), soft
+    label logits (float) or, with a contrastive ``loss``, text features. ``lr``: one learning rate, or one
+    per parameter name (a step size per modality)."""
     gen = torch.Generator().manual_seed(seed)
     dsa = DSA(config.dsa_strategy) if config.dsa else None
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    base_lrs = [lr(name) if callable(lr) else lr for name, _ in named]
     momentum = [torch.zeros_like(p) for p in params]
     model.train()
     with seeded_global_rng(seed, images.device):
         for epoch in range(config.epochs):
-            epoch_lr = lr * (0.1 if epoch >= config.epochs // 2 else 1.0)
+            decay = 0.1 if epoch >= config.epochs // 2 else 1.0
             for index in torch.randperm(len(images), generator=gen).split(config.batch_size):
                 x = images[index.to(images.device)]
                 if dsa is not None:
                     x = dsa(x, gen)
-                loss = classification_loss(model(x), targets[index.to(targets.device)])
-                grads = torch.autograd.grad(loss, params)
-                sgd_step(params, grads, momentum, epoch_lr, config.momentum, config.weight_decay)
+                grads = torch.autograd.grad(loss(model, x, targets[index.to(targets.device)]), params)
+                for param, grad, buf, base in zip(params, grads, momentum, base_lrs, strict=True):
+                    sgd_step([param], [grad], [buf], base * decay, config.momentum, config.weight_decay)
     return model
 
 
