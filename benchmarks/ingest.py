@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
     config = DataConfig(shards=args.shards, image_size=args.image_size)
     shard_set = first_shards(config, args.limit_shards)
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         cold = time_it(lambda: ray_pass(shard_set, config))

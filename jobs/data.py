@@ -103,7 +103,7 @@ def _ray_session(num_cpus: int | None) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         yield

@@ -33,4 +33,5 @@ def init_ray(resources: ResourcesConfig) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        ray.init(num_cpus=resources.num_cpus, include_dashboard=False)
+        # "local": a new cluster even if an earlier `ray start` left its address in /tmp/ray
+        ray.init(address="local", num_cpus=resources.num_cpus, include_dashboard=False)
