@@ -12,12 +12,13 @@ model spec, the data fingerprint and the preprocessed tensors in exactly the sam
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from engine import storage
-from engine.config import JobConfig, Section
+from engine.config import JobConfig, Section, load_config, split_config_args
 from engine.data import reader
 from engine.data.manifest import ShardManifest
 from engine.data.preprocess import Preprocess, PreprocessConfig
@@ -281,3 +282,13 @@ def caption_features_of(config: ExperimentConfig, manifest: ShardManifest, spec:
     cache = storage.join(config.run_dir, "cache")
     return caption_features(lambda: TextTower.from_pretrained(text_model), text_model, split_data.captions, cache,
                             manifest.fingerprint(), split, config.storage)
+
+
+def run_job(argv: list[str], doc: str | None, run: Callable[[ExperimentConfig], object]) -> int:
+    """The ``main`` of a job that takes ``[config.yaml] [key=value ...]``: validate, then ``run``."""
+    path, overrides = split_config_args(argv)
+    if path in ("-h", "--help"):
+        print(doc)
+        return 0
+    run(load_config(ExperimentConfig, path, overrides))
+    return 0

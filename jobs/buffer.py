@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from engine import cli, storage
-from engine.config import load_config, split_config_args, to_yaml
+from engine.config import to_yaml
 from engine.data.manifest import ShardManifest
 from engine.data.preprocess import FILE_NAME as PREPROCESS_FILE
 from engine.data.preprocess import Preprocess
@@ -27,6 +27,7 @@ from engine.experiment import (
     load_split,
     model_spec,
     prepare_data,
+    run_job,
 )
 from engine.models.registry import ModelSpec
 from engine.runtime.cluster import init_ray
@@ -142,13 +143,7 @@ def _write_outputs(config: ExperimentConfig, results: dict[str, Any]) -> None:
 
 
 def main(argv: list[str]) -> int:
-    path, overrides = split_config_args(argv)
-    if path in ("-h", "--help"):
-        print(__doc__)
-        return 0
-    config = load_config(ExperimentConfig, path, overrides)
-    run_buffer(config)
-    return 0
+    return run_job(argv, __doc__, run_buffer)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,11 @@ from __future__ import annotations
 import sys
 
 from engine import cli, storage
-from engine.config import load_config, split_config_args, to_yaml
+from engine.config import to_yaml
 from engine.distill.config import DistillConfig
 from engine.distill.setup import prepare_inputs, run_local
 from engine.distill.synthetic import SyntheticSet
-from engine.experiment import ExperimentConfig
+from engine.experiment import ExperimentConfig, run_job
 from engine.runtime.cluster import init_ray
 
 
@@ -34,18 +34,14 @@ def run_distill(config: ExperimentConfig, distill: DistillConfig | None = None, 
         result = run_local(inputs, progress=progress)
     storage.write_text(storage.join(inputs.out_url, "config.yaml"), to_yaml(config), config.storage)
     steps = ", ".join(f"{a:.4g}" for a in result.alphas.tolist())
-    print(f"distilled {len(result)} images ({distill.ipc} per class) in {storage.redact(inputs.out_url)}; "
-          f"learned step size {steps}", flush=True)
+    what = f"{len(result)} pairs" if result.text is not None else f"{len(result)} images ({distill.ipc} per class)"
+    print(f"distilled {what} in {storage.redact(inputs.out_url)}, matching {result.metadata['matched_parameters']:,} "
+          f"parameters ({result.metadata['record']}); learned step sizes {steps}", flush=True)
     return result
 
 
 def main(argv: list[str]) -> int:
-    path, overrides = split_config_args(argv)
-    if path in ("-h", "--help"):
-        print(__doc__)
-        return 0
-    run_distill(load_config(ExperimentConfig, path, overrides))
-    return 0
+    return run_job(argv, __doc__, run_distill)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,9 @@ from typing import Any
 import torch
 
 from engine import cli, storage
-from engine.config import load_config, split_config_args
 from engine.evaluate.baselines import classification_rows, results_table
 from engine.evaluate.pairs import pair_rows
-from engine.experiment import ExperimentConfig
+from engine.experiment import ExperimentConfig, run_job
 from engine.runtime.cluster import init_ray
 
 
@@ -46,12 +45,7 @@ def write_results(config: ExperimentConfig, rows: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str]) -> int:
-    path, overrides = split_config_args(argv)
-    if path in ("-h", "--help"):
-        print(__doc__)
-        return 0
-    run_evaluate(load_config(ExperimentConfig, path, overrides))
-    return 0
+    return run_job(argv, __doc__, run_evaluate)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ import time
 from typing import Any
 
 from engine import cli, storage
-from engine.config import load_config, split_config_args, to_yaml
-from engine.experiment import ExperimentConfig
+from engine.config import to_yaml
+from engine.experiment import ExperimentConfig, run_job
 from jobs.buffer import run_buffer
 from jobs.distill import run_distill
 from jobs.evaluate import run_evaluate
@@ -37,12 +37,7 @@ def run_pipeline(config: ExperimentConfig) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str]) -> int:
-    path, overrides = split_config_args(argv)
-    if path in ("-h", "--help"):
-        print(__doc__)
-        return 0
-    run_pipeline(load_config(ExperimentConfig, path, overrides))
-    return 0
+    return run_job(argv, __doc__, run_pipeline)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ import sys
 from typing import Any
 
 from engine import cli, storage
-from engine.config import load_config, split_config_args, to_yaml
-from engine.experiment import ExperimentConfig
+from engine.config import to_yaml
+from engine.experiment import ExperimentConfig, run_job
 from engine.runtime.cluster import init_ray
 from engine.runtime.sweep import check_space, run_sweep, with_overrides
 from jobs.buffer import run_buffer
@@ -97,12 +97,7 @@ def _shown(value: Any) -> str:
 
 
 def main(argv: list[str]) -> int:
-    path, overrides = split_config_args(argv)
-    if path in ("-h", "--help"):
-        print(__doc__)
-        return 0
-    run(load_config(ExperimentConfig, path, overrides))
-    return 0
+    return run_job(argv, __doc__, run)
 
 
 if __name__ == "__main__":

@@ -105,7 +105,8 @@ def build_distiller(inputs: DistillInputs, device: torch.device, *, rank: int = 
         if config.labels == "soft":
             expert = segments.flat(segments.experts[0], min(config.max_start_epoch, store.num_epochs))
             synthetic.labels = soft_labels_from_expert(synthetic, method.student, expert)
-    synthetic.metadata = {**describe_run(inputs, store), **synthetic.metadata}
+    synthetic.metadata = {**describe_run(inputs, store), **synthetic.metadata,
+                          "matched_parameters": method.student.num_parameters, "record": inputs.record}
     return Distiller(config, synthetic, method, segments, inputs.out_url, inputs.storage_config, rank=rank,
                      world_size=world_size, reduce=reduce, on_iteration=on_iteration)
 

@@ -134,15 +134,7 @@ class CoresetChooser:
     def choose(self, method: str, ipc: int) -> Tensor:
         labels = self.data.train_labels.cpu()
         generator = torch.Generator().manual_seed(self.config.evaluate.seed * 1000 + ipc)
-        if method == "random":
-            return coresets.random_coreset(len(labels), ipc, labels, generator)
-        if method == "herding":
-            return coresets.herding(self.features(), ipc, labels)
-        if method == "kcenter":
-            return coresets.kcenter(self.features(), ipc, labels)
-        if method == "forgetting":
-            return coresets.forgetting(self.counts(), ipc, labels, generator)
-        raise ValueError(f"unknown coreset method {method!r}")
+        return coresets.choose(method, ipc, len(labels), labels, generator, self.features, self.counts)
 
     def expert_model(self) -> nn.Module:
         """Expert 0 of the store at its last epoch."""

@@ -150,16 +150,8 @@ class PairCoresets:
 
     def choose(self, method: str, size: int) -> Tensor:
         generator = torch.Generator().manual_seed(self.config.evaluate.seed * 1000 + size)
-        num = len(self.data.train_text)
-        if method == "random":
-            return coresets.random_coreset(num, size, None, generator)
-        if method == "herding":
-            return coresets.herding(self.joint_embeddings(), size, None)
-        if method == "kcenter":
-            return coresets.kcenter(self.joint_embeddings(), size, None)
-        if method == "forgetting":
-            return coresets.forgetting(self.counts(), size, None, generator)
-        raise ValueError(f"unknown coreset method {method!r}")
+        return coresets.choose(method, size, len(self.data.train_text), None, generator, self.joint_embeddings,
+                               self.counts)
 
     def expert_model(self) -> nn.Module:
         """Expert 0 of the store at its last epoch."""
