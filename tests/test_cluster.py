@@ -61,6 +61,18 @@ def ray_head(tmp_path):
             os.killpg(head.pid, signal.SIGKILL)
 
 
+def submit(client, timeout: float = 120, **job) -> str:
+    """Submit a job, retrying while the head's job agent is still registering (the dashboard answers first)."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as error:
+            if "No available agent" not in str(error) or time.time() > deadline:
+                raise
+            time.sleep(2)
+
+
 def wait_for(client, job_id: str, timeout: float = 600) -> str:
     deadline = time.time() + timeout
     while (status := str(client.get_job_status(job_id).value)) not in TERMINAL:
@@ -90,7 +102,7 @@ def test_buffer_then_distill_submitted_to_a_ray_head(ray_head, tmp_path):
     client = JobSubmissionClient(ray_head)
     runtime_env = {"working_dir": str(REPO_ROOT), "env_vars": {"TQDM_DISABLE": "1"}}
     for job in ("buffer", "distill"):
-        job_id = client.submit_job(entrypoint=f"python -m jobs.{job} {config}", runtime_env=runtime_env)
+        job_id = submit(client, entrypoint=f"python -m jobs.{job} {config}", runtime_env=runtime_env)
         status = wait_for(client, job_id)
         assert status == "SUCCEEDED", f"jobs.{job} {status}:\n{client.get_job_logs(job_id)[-4000:]}"
 

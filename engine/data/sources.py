@@ -195,6 +195,24 @@ def _captioned_items(
 # --- imagefolder ------------------------------------------------------------------------------------
 
 
+def _class_folder_items(
+    root: Path, class_dirs: list[Path], classes: list[ClassInfo], extensions: frozenset[str], wrong_kind: str,
+    skips: SkipLog,
+) -> list[SourceItem]:
+    """The files of ``<root>/<class>/<file>`` labelled by their folder; other classes and file kinds are skipped."""
+    lookup = class_lookup(classes)
+    items = []
+    for class_dir in class_dirs:
+        for path, name in _visible_files(class_dir, root):
+            if class_dir.name not in lookup:
+                skips.add("class not in class list", name)
+            elif _extension(name) not in extensions:
+                skips.add(wrong_kind, name)
+            else:
+                items.append(SourceItem(name=name, path=path, label=lookup[class_dir.name]))
+    return items
+
+
 def imagefolder_source(src: str, class_list: str | None, skips: SkipLog) -> Source:
     """``<src>/<class>/<image>``, or the flat ``<src>[/images]/<class>_<name>.<ext>`` layout."""
     root = require_path(src, "source folder")
@@ -208,16 +226,7 @@ def imagefolder_source(src: str, class_list: str | None, skips: SkipLog) -> Sour
     if not class_dirs:
         raise DataError(f"{root}: no class folders or images (expected <src>/<class>/<image>)")
     classes = listed or classes_from_ids(d.name for d in class_dirs)
-    lookup = class_lookup(classes)
-    items = []
-    for class_dir in class_dirs:
-        for path, name in _visible_files(class_dir, root):
-            if class_dir.name not in lookup:
-                skips.add("class not in class list", name)
-            elif _extension(name) not in IMAGE_EXTENSIONS:
-                skips.add("not an image file", name)
-            else:
-                items.append(SourceItem(name=name, path=path, label=lookup[class_dir.name]))
+    items = _class_folder_items(root, class_dirs, classes, IMAGE_EXTENSIONS, "not an image file", skips)
     if not items and not skips.total:
         raise DataError(f"{root}: the class folders hold no files")
     return Source(modality="image", items=items, classes=classes)
@@ -356,16 +365,7 @@ def _video_folder_source(root: Path, listed: list[ClassInfo] | None, skips: Skip
     if not class_dirs:
         raise DataError(f"{root}: no class folders (expected <src>/<class>/<clip> or a path,label CSV)")
     classes = listed or classes_from_ids(d.name for d in class_dirs)
-    lookup = class_lookup(classes)
-    items = []
-    for class_dir in class_dirs:
-        for path, name in _visible_files(class_dir, root):
-            if class_dir.name not in lookup:
-                skips.add("class not in class list", name)
-            elif _extension(name) not in VIDEO_EXTENSIONS:
-                skips.add("not a video file", name)
-            else:
-                items.append(SourceItem(name=name, path=path, label=lookup[class_dir.name]))
+    items = _class_folder_items(root, class_dirs, classes, VIDEO_EXTENSIONS, "not a video file", skips)
     return Source(modality="video", items=items, classes=classes)
 
 
