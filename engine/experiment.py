@@ -29,7 +29,7 @@ from engine.distill.config import DistillConfig
 from engine.errors import ConfigError, DataError
 from engine.evaluate.classification import TrainConfig
 from engine.models.registry import ARCHITECTURES, LoraSpec, ModelSpec
-from engine.runtime.cluster import ResourcesConfig
+from engine.runtime.cluster import ResourcesConfig, init_ray
 from engine.select.coresets import METHODS as CORESET_METHODS
 from engine.storage import PathOrURL
 from engine.trajectories.train import ExpertConfig
@@ -262,6 +262,7 @@ def load_split(config: ExperimentConfig, split: str) -> InMemoryData:
     """A whole split as tensors (pixels in [0, 1]); decoded on the Ray cluster when one is in use."""
     data_config = config.data.model_copy(update={"split": split})
     if config.resources.use_ray:
+        init_ray(config.resources)  # before Ray Data can auto-connect to some other cluster on this machine
         return reader.materialize(data_config, config.storage)
     return reader.load_in_memory(data_config, config.storage)
 

@@ -90,6 +90,9 @@ def init_pairs(images: Tensor, text_features: Tensor, caption_image: Tensor, cou
                step_size: float, generator: torch.Generator) -> SyntheticSet:
     """``count`` random real pairs: distinct images, each with one of its captions chosen at random
     (or Gaussian noise with the real features' per-dimension mean and std)."""
+    if count < 2:
+        raise DataError(f"distill.ipc={count}: image-text distillation needs at least 2 pairs "
+                        "(InfoNCE over one pair is constant)")
     if count > len(images):
         raise DataError(f"{count} synthetic pairs asked for, but the training split has {len(images)} images")
     chosen = torch.randperm(len(images), generator=generator)[:count]
