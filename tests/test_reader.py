@@ -346,6 +346,40 @@ def flickr_shards(tmp_path_factory) -> Path:
     return out
 
 
+def extract_cifar_subset(folder: Path, per_class: int) -> Path:
+    """The first ``per_class`` images of each class from the shared CIFAR-10 archive, as <class>/<image>."""
+    counts: dict[str, int] = {}
+    with tarfile.open(shared_data("cifar10", "train.tar.gz")) as archive:
+        for member in archive:
+            parts = Path(member.name).parts
+            if not member.isfile() or len(parts) < 2 or counts.get(parts[-2], 0) >= per_class:
+                continue
+            counts[parts[-2]] = counts.get(parts[-2], 0) + 1
+            target = folder / parts[-2] / parts[-1]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(archive.extractfile(member).read())
+            if len(counts) == 10 and all(n >= per_class for n in counts.values()):
+                break
+    return folder
+
+
+@pytest.mark.shared_data
+def test_cifar10_subset_round_trip_through_s3(ray_session, s3_bucket, tmp_path):
+    """The CIFAR-10 round trip of the issue, on a 20-per-class subset, written to and read from moto's S3."""
+    bucket, storage_config = s3_bucket
+    url = f"{bucket}/cifar10"
+    src = extract_cifar_subset(tmp_path / "cifar10", per_class=20)
+    manifest = shard_dataset("imagefolder", str(src), url, shard_size=20, progress=False,
+                             storage_config=storage_config)
+    assert len(manifest.shards_of("train")) == 10 and manifest.class_names == sorted(p.name for p in src.iterdir())
+    counts = count_samples(url, "train", storage_config)
+    assert counts.num_samples == 200 and list(counts.class_counts) == [20] * 10
+    assert counts.mismatches(manifest, "train") == []
+    with shard_errors():
+        batch = read_shards(DataConfig(shards=url, image_size=32), storage_config).take_batch(8, batch_format="numpy")
+    assert batch["image"].shape == (8, 3, 32, 32) and batch["image"].dtype == np.float32
+
+
 @pytest.mark.shared_data
 def test_flickr8k_800_images_with_5_captions_and_open_clip_tokens(ray_session, flickr_shards):
     counts = count_samples(str(flickr_shards))
