@@ -36,6 +36,10 @@ def ray_head(tmp_path):
         sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--port", str(free_port()),
         "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
         "--num-cpus", "2", "--include-dashboard", "true", "--disable-usage-stats",
+        # Own agent ports: the session's cluster (ray_session) may hold Ray's defaults, and a head whose
+        # job agent cannot bind never accepts a job ("No available agent to submit job").
+        "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+        "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
     ]  # fmt: skip
     # A loopback-only test cluster: token authentication off, so the client needs no token file.
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "disabled"}
