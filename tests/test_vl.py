@@ -9,6 +9,7 @@ import torch
 from engine.distill.config import DistillConfig
 from engine.distill.matching import match_trajectory
 from engine.distill.vl import IMAGE, TEXT, VisionLanguage, init_pairs, learned_lr, nearest_captions
+from engine.errors import DataError
 from engine.models import LoraSpec, ModelSpec, build_model, get_flat, select_parameters
 from engine.trajectories import build_seeded
 
@@ -63,6 +64,15 @@ def test_pairs_start_from_real_pairs_and_distinct_images():
         assert caption_image[caption] == image  # each text vector is one of its image's own captions
         assert torch.equal(synthetic.images[i], images[image]) and torch.equal(synthetic.text[i], features[caption])
     assert synthetic.alphas.tolist() == pytest.approx([0.1, 0.1])
+
+
+def test_one_pair_or_more_pairs_than_images_is_a_clear_error():
+    gen = torch.Generator().manual_seed(1)
+    images, features, caption_image = torch.randn(4, 3, 4, 4), torch.randn(8, 5), torch.arange(4).repeat_interleave(2)
+    with pytest.raises(DataError, match=r"distill.ipc=1: .* at least 2 pairs"):
+        init_pairs(images, features, caption_image, 1, DistillConfig(), 0.1, gen)
+    with pytest.raises(DataError, match="5 synthetic pairs asked for, but the training split has 4 images"):
+        init_pairs(images, features, caption_image, 5, DistillConfig(), 0.1, gen)
 
 
 def test_text_vectors_decode_to_their_nearest_caption():
