@@ -35,8 +35,10 @@ def run_distill(config: ExperimentConfig, distill: DistillConfig | None = None, 
     storage.write_text(storage.join(inputs.out_url, "config.yaml"), to_yaml(config), config.storage)
     steps = ", ".join(f"{a:.4g}" for a in result.alphas.tolist())
     what = f"{len(result)} pairs" if result.text is not None else f"{len(result)} images ({distill.ipc} per class)"
-    print(f"distilled {what} in {storage.redact(inputs.out_url)}, matching {result.metadata['matched_parameters']:,} "
-          f"parameters ({result.metadata['record']}); learned step sizes {steps}", flush=True)
+    matched, full = result.metadata["matched_parameters"], result.metadata["full_matching_parameters"]
+    print(f"distilled {what} in {storage.redact(inputs.out_url)}, matching {matched:,} parameters "
+          f"({result.metadata['record']}; full matching: {full:,}, {matched / full:.2f}x); "
+          f"learned step sizes {steps}", flush=True)
     return result
 
 

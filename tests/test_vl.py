@@ -10,7 +10,15 @@ from engine.distill.config import DistillConfig
 from engine.distill.matching import match_trajectory
 from engine.distill.vl import IMAGE, TEXT, VisionLanguage, init_pairs, learned_lr, nearest_captions
 from engine.errors import DataError
-from engine.models import LoraSpec, ModelSpec, build_model, get_flat, select_parameters
+from engine.models import (
+    LoraSpec,
+    ModelSpec,
+    build_model,
+    full_matching_size,
+    get_flat,
+    parameter_groups,
+    select_parameters,
+)
 from engine.trajectories import build_seeded
 
 
@@ -50,6 +58,18 @@ def test_contrastive_exact_gradient_equals_unrolled(dual_encoder_spec, record):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     assert (unrolled.alpha_grad != 0).all()
     torch.testing.assert_close(unrolled.alpha_grad, exact.alpha_grad, rtol=1e-9, atol=1e-12)
+
+
+def test_lora_matching_records_the_adapters_and_heads_not_the_tower(dual_encoder_spec):
+    model = build_model(dual_encoder_spec)
+    params, groups = dict(model.named_parameters()), parameter_groups(model)
+    size = {group: sum(params[n].numel() for n in names) for group, names in groups.items()}
+    assert set(size) == {"image_encoder", "lora", "image_head", "text_head"}
+    assert full_matching_size(model) == size["image_encoder"] + size["image_head"] + size["text_head"]
+    lora_matched = select_parameters(model, "lora+heads")
+    assert sum(params[n].numel() for n in lora_matched) == size["lora"] + size["image_head"] + size["text_head"]
+    assert not set(lora_matched) & set(groups["image_encoder"])
+    assert size["lora"] < size["image_encoder"]
 
 
 def test_pairs_start_from_real_pairs_and_distinct_images():

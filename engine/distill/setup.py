@@ -30,7 +30,7 @@ from engine.experiment import (
     model_spec,
     prepare_data,
 )
-from engine.models.params import select_parameters
+from engine.models.params import full_matching_size, select_parameters
 from engine.models.registry import ModelSpec, build_model
 from engine.storage import StorageConfig
 from engine.trajectories.experts import build_shared_frozen
@@ -106,7 +106,8 @@ def build_distiller(inputs: DistillInputs, device: torch.device, *, rank: int = 
             expert = segments.flat(segments.experts[0], min(config.max_start_epoch, store.num_epochs))
             synthetic.labels = soft_labels_from_expert(synthetic, method.student, expert)
     synthetic.metadata = {**describe_run(inputs, store), **synthetic.metadata,
-                          "matched_parameters": method.student.num_parameters, "record": inputs.record}
+                          "matched_parameters": method.student.num_parameters, "record": inputs.record,
+                          "full_matching_parameters": full_matching_size(model)}
     return Distiller(config, synthetic, method, segments, inputs.out_url, inputs.storage_config, rank=rank,
                      world_size=world_size, reduce=reduce, on_iteration=on_iteration)
 

@@ -76,6 +76,14 @@ def select_parameters(model: nn.Module, selection: str) -> list[str]:
     return [name for name, _ in model.named_parameters() if name in names]
 
 
+def full_matching_size(model: nn.Module) -> int:
+    """Parameters that full matching records: every group but the LoRA adapters (which re-parameterise
+    the tower they sit in), the baseline a LoRA-matching run is compared with."""
+    params = dict(model.named_parameters())
+    return sum(params[n].numel() for group, names in parameter_groups(model).items() if group != LORA_GROUP
+               for n in names)
+
+
 def _named(model: nn.Module, names: Sequence[str]) -> list[tuple[str, Tensor]]:
     params = dict(model.named_parameters())
     missing = [n for n in names if n not in params]
