@@ -60,10 +60,13 @@ def load(path: str, *overrides: str) -> ExperimentConfig:
     return load_config(ExperimentConfig, path, list(overrides))
 
 
-def test_distill_writes_the_set_and_resumes_to_the_same_result(experiment, tmp_path):
+def test_distill_writes_the_set_and_resumes_to_the_same_result(experiment, tmp_path, capsys):
     root, shards, store = experiment
     whole = load(config_file(tmp_path, tmp_path / "whole", shards, store))
     expected = distill.run_distill(whole, progress=False)
+    matched = expected.metadata["matched_parameters"]  # a classifier recording all: full matching itself
+    assert matched == expected.metadata["full_matching_parameters"] > 0
+    assert f"matching {matched:,} parameters (all; full matching: {matched:,}, 1.00x)" in capsys.readouterr().out
 
     split = config_file(tmp_path, tmp_path / "split", shards, store)
     distill.run_distill(load(split, "distill.iterations=2"), progress=False)  # "interrupted" after 2
