@@ -30,6 +30,7 @@ from engine.errors import ConfigError, DataError
 from engine.evaluate.classification import TrainConfig
 from engine.models.registry import ARCHITECTURES, LoraSpec, ModelSpec
 from engine.runtime.cluster import ResourcesConfig, init_ray
+from engine.seeds import MAX_BASE_SEED, MAX_INDEX
 from engine.select.coresets import METHODS as CORESET_METHODS
 from engine.storage import PathOrURL
 from engine.trajectories.train import ExpertConfig
@@ -54,9 +55,10 @@ class ModelConfig(Section):
 
 
 class ExpertsConfig(Section):
-    num_experts: int = Field(10, ge=1)
+    num_experts: int = Field(10, ge=1, le=MAX_INDEX)
     record: str = Field("all", description="Parameters trained and recorded: all | heads | lora+heads | groups.")
-    seed: int = Field(0, description="Expert i is initialised and trained with a seed derived from (seed, i).")
+    seed: int = Field(0, ge=0, lt=MAX_BASE_SEED,
+                      description="Expert i is initialised and trained with a seed derived from (seed, i).")
     val_split: str | None = Field("val", description="Split evaluated after every epoch (None: no evaluation).")
     store: PathOrURL | None = Field(None, description="Trajectory store URL; default <run_dir>/trajectories.")
     lease_timeout_s: float = Field(600.0, gt=0, description="A writer silent this long is presumed dead.")
@@ -72,12 +74,21 @@ class EvaluateConfig(Section):
                                     "evaluated at pipeline.ipcs.")
     full: bool = Field(False, description="Also train on the whole training split (the upper bound).")
     full_epochs: int = Field(30, ge=1, description="Epochs of the full-data run.")
-    repeats: int = Field(3, ge=1, description="Fresh networks per set; mean and std are reported.")
+    repeats: int = Field(3, ge=1, le=MAX_INDEX, description="Fresh networks per set; mean and std are reported.")
     split: str = Field("test", description="Split the reported metric is measured on.")
     use_learned_lr: bool = Field(True, description="Train on a distilled set with its learned step size.")
+    best_snapshot_split: str | None = Field(
+        "val", description="When distillation kept snapshots (distill.snapshot_every), also report the snapshot "
+        "that scores best on this split (MTT reports the best of its evaluations; here the choice is made on a "
+        "split that is not reported; off when it is the reported split). None: only the final set.")
+
+    @property
+    def selects_best_snapshot(self) -> bool:
+        return self.best_snapshot_split is not None and self.best_snapshot_split != self.split
     model: ModelConfig | None = Field(None, description="Evaluation network (default: the experts' model).")
     train: TrainConfig = Field(default_factory=TrainConfig)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=MAX_BASE_SEED, description="Evaluation networks, forgetting runs and coreset "
+                      "draws take seeds from their own streams (engine.seeds): never an expert's.")
 
     @field_validator("methods")
     @classmethod
@@ -249,7 +260,8 @@ def data_fingerprint(config: ExperimentConfig, manifest: ShardManifest) -> str:
     """What the experts were trained on: the shards' content, the split and how images were decoded."""
     p = config.preprocess
     transform = ("norm" if p.normalize else "raw") + (f"+zca{p.zca_eps:g}" if p.zca else "")
-    return (f"{manifest.fingerprint()}:{config.data.split}:{config.data.image_size}px:"
+    frames = f":{config.data.frames}f" if manifest.modality == "video" else ""
+    return (f"{manifest.fingerprint()}:{config.data.split}:{config.data.image_size}px{frames}:"
             f"{config.data.channels}ch:{config.data.resize}:{transform}")
 
 

@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--class-list", help="imagefolder/video: lines 'id<TAB>name' or one id per line")
     parser.add_argument("--images-dir", help="caption formats: image folder (default images/ beside the file)")
     parser.add_argument("--limit", type=int, help="keep a seeded random subset of this many items")
+    parser.add_argument("--test-src", help="a second source in the same format written whole as the test split "
+                        "(e.g. CIFAR-10's official test folder); --splits then divide --src only")
     parser.add_argument("--overwrite", action="store_true", help="replace the shards of an earlier run at --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -53,6 +55,7 @@ def main(argv: list[str]) -> int:
         images_dir=args.images_dir,
         overwrite=args.overwrite,
         limit=args.limit,
+        test_src=args.test_src,
     )
     print(summary(manifest, args.out, time.perf_counter() - started))
     return 0

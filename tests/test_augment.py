@@ -47,6 +47,19 @@ def test_one_family_per_call_with_per_sample_parameters():
     assert draw.values["angle"].abs().max() <= 15 / 180 * torch.pi
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_clip_gets_one_draw_applied_alike_to_every_frame(family):
+    dsa = DSA(family)
+    frame = images(batch=3)
+    clips = frame.unsqueeze(1).repeat(1, 4, 1, 1, 1)  # (B, T, C, H, W): 4 identical frames per clip
+    draw = dsa.sample(clips.shape, make_generator(7))
+    assert all(len(v) == 3 for v in draw.values.values())  # one set of parameters per clip
+    out = dsa.apply(clips, draw)
+    assert out.shape == clips.shape
+    for t in range(4):  # every frame augmented exactly as the clip's image alone would be
+        torch.testing.assert_close(out[:, t], dsa.apply(frame, draw))
+
+
 def test_crop_matches_dsa_pad_and_gather():
     """DSA's rand_crop: pad by one zero pixel, read x_pad[i + shift + 1] clamped to the pad."""
     dsa, x = DSA("crop"), images(batch=16, side=9)

@@ -17,6 +17,7 @@ from engine.distill.loop import DistillDiverged
 from engine.distill.synthetic import CHECKPOINT_NAME, SyntheticSet
 from engine.errors import ConfigError
 from engine.experiment import ExperimentConfig
+from engine.seeds import evaluation_seeds
 from engine.trajectories.train import safetensors_metadata
 from jobs import buffer, distill, evaluate
 
@@ -115,12 +116,53 @@ def test_evaluate_writes_rows_for_every_method_and_a_table(experiment, tmp_path)
     rows = evaluate.run_evaluate(config, [1])
     assert [(r["method"], r["size"]) for r in rows] == [
         ("distilled", 1), ("random", 1), ("herding", 1), ("kcenter", 1), ("forgetting", 1), ("full", 126)]
+    seeds = evaluation_seeds(0, 2)
     for r in rows:
         assert r["metric"] == "accuracy" and len(r["runs"]) == 2 and 0 <= r["mean"] <= 100
         assert r["mean"] == pytest.approx(sum(r["runs"]) / 2, abs=1e-3)
-    assert storage.read_json(str(tmp_path / "run" / "results.json")) == rows
+        assert r["seeds"] == seeds and r["lr"] > 0 and r["epochs"] == (2 if r["method"] == "full" else 20)
+    results = storage.read_json(str(tmp_path / "run" / "results.json"))
+    assert results["rows"] == rows
+    header = results["header"]
+    assert header["split"] == "test" and header["evaluation_seeds"] == seeds and header["train"]["epochs"] == 20
+    assert {"python", "torch", "ray", "numpy"} <= set(header["versions"])
+    assert header["commit"] is None or len(header["commit"]) >= 40
     table = (tmp_path / "run" / "results.md").read_text()
     assert "| distilled |" in table and "| herding |" in table
+
+
+def test_results_scored_on_another_split_are_kept_and_the_best_snapshot_is_reported(experiment, tmp_path, capsys):
+    root, shards, store = experiment
+    path = config_file(tmp_path, tmp_path / "run", shards, store, evaluate={"methods": ["distilled", "random"]})
+    config = load(path, "distill.snapshot_every=2")
+    distill.run_distill(config, progress=False)
+    assert sorted(p.name for p in (tmp_path / "run" / "distill" / "ipc-1" / "snapshots").iterdir()) == [
+        "iteration-000002.safetensors", "iteration-000004.safetensors"]
+    rows = evaluate.run_evaluate(config, [1])
+    best = next(r for r in rows if r["method"] == "distilled (best val)")
+    assert best["iteration"] in (2, 4) and best["selected_on"]["split"] == "val"
+    final = next(r for r in rows if r["method"] == "distilled")
+    if best["iteration"] == 4:  # the final set itself: the same networks give the same numbers
+        assert best["runs"] == final["runs"]
+
+    on_val = evaluate.run_evaluate(load(path, "distill.snapshot_every=2", "evaluate.split=val"), [1])
+    assert all(r["method"] != "distilled (best val)" for r in on_val)  # never chosen on the reported split
+    kept = storage.read_json(str(tmp_path / "run" / "results-test.json"))
+    assert kept["header"]["split"] == "test" and kept["rows"] == rows
+    assert storage.read_json(str(tmp_path / "run" / "results.json"))["header"]["split"] == "val"
+    assert "kept as results-test.json" in capsys.readouterr().out
+
+
+def test_datm_soft_labels_and_the_loss_threshold(experiment, tmp_path):
+    root, shards, store = experiment
+    path = config_file(tmp_path, tmp_path / "run", shards, store)
+    config = load(path, "distill.labels=soft", "distill.iterations=2", "distill.skip_loss_above=1e-9")
+    result = distill.run_distill(config, progress=False)
+    initial = load_initial_images(config)
+    torch.testing.assert_close(result.images, initial, rtol=0, atol=0)  # every iteration was above the threshold
+    assert result.metadata["skipped_iterations"] == 2
+    assert result.labels.shape == (10, 10) and result.labels.is_floating_point()
+    assert (result.labels.argmax(1) == torch.arange(10)).all()  # images the experts classify correctly
 
 
 def test_two_ray_train_workers_equal_one_process_with_the_same_segments(ray_session, experiment, tmp_path):

@@ -111,7 +111,7 @@ def test_resnet18_imagenet_stem():
                          [(3, 8, 32, 1), (1, 1, 16, 1), (3, 3, 28, 1), (3, 16, 16, 2)])
 def test_video_convnet_shapes(channels, frames, size, time):
     model = video_convnet(channels, num_classes=6, frames=frames, image_size=size, width=8)
-    x = torch.randn(2, channels, frames, size, size)  # (B, C, T, H, W); time halves while T >= 2
+    x = torch.randn(2, frames, channels, size, size)  # (B, T, C, H, W) like the reader; time halves while T >= 2
     assert model.features(x).shape == (2, 8 * time * (size // 8) ** 2) == (2, model.feature_dim)
     assert model(x).shape == (2, 6)
     assert all(m.num_groups == m.num_channels for m in model.modules() if isinstance(m, nn.GroupNorm))
@@ -129,7 +129,7 @@ def test_video_convnet_shapes(channels, frames, size, time):
 def test_functional_call_matches_module(build):
     torch.manual_seed(0)
     model = build()
-    x = torch.randn(2, 3, 4, 16, 16) if "Video" in type(model).__name__ else torch.randn(2, 3, 16, 16)
+    x = torch.randn(2, 4, 3, 16, 16) if "Video" in type(model).__name__ else torch.randn(2, 3, 16, 16)
     names = select_parameters(model, "all")
     assert len(names) == len(list(model.parameters()))
     theta = get_flat(model, names)
@@ -156,7 +156,7 @@ def test_hessian_vector_product_through_convnet_matches_finite_differences():
 
 @pytest.mark.parametrize(("build", "shape"), [
     (lambda: resnet18(3, 5, norm="batch"), (2, 3, 8, 8)),
-    (lambda: video_convnet(3, 5, frames=2, image_size=8, width=4), (2, 3, 2, 8, 8)),
+    (lambda: video_convnet(3, 5, frames=2, image_size=8, width=4), (2, 2, 3, 8, 8)),
     (lambda: open_clip_vision(image_size=16, width=32, layers=2, head_width=16, patch_size=4), (2, 3, 16, 16)),
 ])
 def test_double_backward_runs(build, shape):

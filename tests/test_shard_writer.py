@@ -277,6 +277,25 @@ def test_imagefolder_with_class_list(tmp_path):
     assert [(c.id, c.name) for c in by_id.classes] == [("n01", "n01"), ("n02", "n02")]
 
 
+def test_a_separate_test_source_becomes_the_test_split(tmp_path):
+    for split, count in (("train", 10), ("test", 3)):
+        for cls in ("cat", "dog"):
+            for i in range(count):
+                _save(_noise("RGB", (8, 8), seed=i), tmp_path / f"{split}/{cls}/{i}.png")
+    manifest = _shard("imagefolder", tmp_path / "train", tmp_path / "out", splits={"train": 0.8, "val": 0.2},
+                      test_src=str(tmp_path / "test"))
+    assert {k: v.num_samples for k, v in manifest.splits.items()} == {"train": 16, "val": 4, "test": 6}
+    assert manifest.splits["test"].class_counts == [3, 3]
+    assert manifest.options["test_src"] == str(tmp_path / "test")
+
+    _save(_noise("RGB", (8, 8)), tmp_path / "test/bird/0.png")
+    with pytest.raises(DataError, match="classes .* differ from those of"):
+        _shard("imagefolder", tmp_path / "train", tmp_path / "out2", test_src=str(tmp_path / "test"))
+    with pytest.raises(ConfigError, match="'test' split and a test source"):
+        _shard("imagefolder", tmp_path / "train", tmp_path / "out3", splits={"train": 0.5, "test": 0.5},
+               test_src=str(tmp_path / "train"))
+
+
 def test_imagenet_samples_flat_layout(tmp_path):
     root = shared_data("imagenet-samples")
     classes_txt = str(root / "classes.txt")

@@ -3,6 +3,8 @@ initialised from real pairs, text vectors decode to their nearest captions."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from engine.distill.config import DistillConfig
 from engine.distill.matching import match_trajectory
 from engine.distill.vl import IMAGE, TEXT, VisionLanguage, init_pairs, learned_lr, nearest_captions
 from engine.errors import DataError
+from engine.evaluate.pairs import PairCoresets, one_caption_per_image
 from engine.models import (
     LoraSpec,
     ModelSpec,
@@ -109,3 +112,17 @@ def test_learned_step_sizes_apply_per_side():
     assert lr("image_encoder.blocks.0.conv.lora_A.default.weight") == 0.5
     assert lr("image_head.proj.weight") == 0.5
     assert lr("text_head.proj.weight") == 0.25
+
+
+def test_pair_coresets_take_one_caption_each_of_distinct_images():
+    caption_image = torch.arange(12).repeat_interleave(5)[torch.randperm(60, generator=torch.Generator().manual_seed(1))]
+    picked = one_caption_per_image(caption_image, 12, torch.Generator().manual_seed(0))
+    assert sorted(caption_image[picked].tolist()) == list(range(12))  # every image once, one caption each
+
+    data = SimpleNamespace(train_caption_image=caption_image, train_images=torch.zeros(12, 3, 4, 4))
+    chooser = PairCoresets(SimpleNamespace(evaluate=SimpleNamespace(seed=0)), data, torch.device("cpu"))
+    for size in (5, 12):
+        index = chooser.choose("random", size)
+        assert len(set(caption_image[index].tolist())) == size == len(index)
+    with pytest.raises(DataError, match="a coreset of 13 pairs needs 13 training images; the split has 12"):
+        chooser.choose("random", 13)

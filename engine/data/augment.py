@@ -5,6 +5,9 @@ string (``color_crop_cutout_flip_scale_rotate``) and applies it with parameters 
 (DSA's ``batchmode`` off, its default). Every operation is differentiable with respect to the
 images, so gradients reach synthetic pixels.
 
+Clips (B, T, C, H, W) get one draw per clip, applied alike to each of its frames, so an augmented
+clip is still a clip (the same crop, flip or rotation throughout).
+
 The draw is split from its application so that trajectory matching can replay it::
 
     draw = dsa.sample(x.shape, generator)   # family + per-sample parameters, CPU tensors
@@ -89,20 +92,26 @@ class DSA:
         return f"DSA({self.strategy!r})"
 
     def sample(self, batch_shape: tuple[int, ...] | torch.Size, generator: torch.Generator | int) -> DSADraw:
-        """Choose one family, then draw its parameters for every sample of a (B, C, H, W) batch."""
+        """Choose one family, then draw its parameters for every sample of a (B, C, H, W) batch of images
+        or a (B, T, C, H, W) batch of clips (one draw per clip)."""
         gen = as_generator(generator)
-        batch, _, height, width = batch_shape
+        batch, height, width = batch_shape[0], batch_shape[-2], batch_shape[-1]
         family = self.families[int(torch.randint(len(self.families), (1,), generator=gen))]
         sampler = getattr(self, f"_sample_{family}")
         return DSADraw(family, sampler(batch, height, width, gen))
 
     def apply(self, x: Tensor, draw: DSADraw) -> Tensor:
-        """Apply a draw to images (B, C, H, W); deterministic and differentiable w.r.t. ``x``."""
+        """Apply a draw to images (B, C, H, W) or clips (B, T, C, H, W), every frame of a clip with its
+        clip's parameters; deterministic and differentiable w.r.t. ``x``."""
         if len(x) != len(next(iter(draw.values.values()))):
             raise ValueError(
                 f"a draw for {len(next(iter(draw.values.values())))} samples applied to {len(x)}"
             )
         values = {k: v.to(x.device) for k, v in draw.values.items()}
+        if x.ndim == 5:  # clips: frames as images, each with its clip's values
+            frames = x.shape[1]
+            values = {k: v.repeat_interleave(frames) for k, v in values.items()}
+            return getattr(self, f"_apply_{draw.family}")(x.flatten(0, 1), values).view(x.shape)
         return getattr(self, f"_apply_{draw.family}")(x, values)
 
     def __call__(self, x: Tensor, generator: torch.Generator | int) -> Tensor:

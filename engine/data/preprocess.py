@@ -22,7 +22,7 @@ from torch import Tensor
 from engine import storage
 from engine.config import Section
 from engine.data.augment import ZCA
-from engine.errors import DataError
+from engine.errors import ConfigError, DataError
 from engine.storage import StorageConfig
 
 FILE_NAME = "preprocess.safetensors"
@@ -43,6 +43,8 @@ class Preprocess:
     @classmethod
     def fit(cls, images: Tensor, config: PreprocessConfig) -> Preprocess:
         """Fit on training images (N, C, H, W) or clips (N, T, C, H, W) in [0, 1]."""
+        if images.ndim == 5 and config.zca:
+            raise ConfigError("preprocess.zca whitens images; it is not defined for clips (set preprocess.zca false)")
         channels = images.shape[-3]
         per_channel = images.transpose(0, -3).reshape(channels, -1).double()  # (C, everything else)
         if config.normalize:

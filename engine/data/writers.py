@@ -63,12 +63,15 @@ def shard_dataset(
     images_dir: str | None = None,
     overwrite: bool = False,
     limit: int | None = None,
+    test_src: str | None = None,
 ) -> ShardManifest:
     """Write ``src`` (in format ``fmt``) as shards + ``manifest.json`` under ``out_url``; returns the manifest.
 
     ``images_dir``: image folder of the caption formats (default ``images/`` or ``Images/`` beside
     the caption file). ``overwrite``: replace the shards of an earlier run at ``out_url``.
     ``limit``: keep a seeded random subset of that many source items (tests, benchmarks).
+    ``test_src``: a second source in the same format (the official test folder, e.g. CIFAR-10's) written
+    whole as the ``test`` split; its classes must be the source's. ``splits`` then divides ``src`` only.
     """
     _check_options(fmt, src, shard_size, max_side, class_list, images_dir, limit)
     fractions = _checked_fractions(fmt, splits)
@@ -77,6 +80,9 @@ def shard_dataset(
     source = load_source(fmt, src, class_list=class_list, images_dir=images_dir, skips=skips)
     items = _random_subset(source.items, limit, seed)
     items_by_split = _own_splits(items, seed) if source.has_own_splits else assign_splits(items, fractions, seed)
+    if test_src is not None:
+        items_by_split["test"] = _test_items(fmt, src, test_src, source, items_by_split, class_list, images_dir,
+                                             skips, seed)
     if previous is not None:
         _remove_shards(out_url, previous, storage_config)
 
@@ -100,7 +106,8 @@ def shard_dataset(
         shards=shards,
         skipped=dict(sorted(skips.counts.items())),
         skipped_examples=dict(sorted(skips.examples.items())),
-        options=_options(shard_size, max_side, fractions, seed, class_list, images_dir, limit),
+        options=_options(shard_size, max_side, fractions, seed, class_list, images_dir, limit)
+        | ({"test_src": _source_description(fmt, test_src)} if test_src is not None else {}),
     )
     manifest.save(out_url, storage_config)
     return manifest
@@ -213,6 +220,21 @@ def load_source(fmt: str, src: str | None, *, class_list: str | None, images_dir
         case "digits":
             return sources.digits_source()
     raise ConfigError(f"unknown format {fmt!r}; expected one of: {', '.join(FORMATS)}")
+
+
+def _test_items(fmt: str, src: str | None, test_src: str, source: Source, items_by_split: dict[str, list[SourceItem]],
+                class_list: str | None, images_dir: str | None, skips: SkipLog, seed: int) -> list[SourceItem]:
+    """The items of ``test_src``, all of them, for the ``test`` split; refused if it would clash."""
+    if fmt == "digits" or source.has_own_splits:
+        raise ConfigError(f"a separate test source does not apply to {fmt} (it has no test folder of its own)")
+    if "test" in items_by_split:
+        raise ConfigError(f"splits name a 'test' split and a test source ({test_src}) is given: drop one")
+    test = load_source(fmt, test_src, class_list=class_list, images_dir=images_dir, skips=skips)
+    if [c.id for c in test.classes] != [c.id for c in source.classes]:
+        ours, theirs = [c.id for c in source.classes], [c.id for c in test.classes]
+        raise DataError(f"test source {test_src}: classes {theirs[:5]}{'...' if len(theirs) > 5 else ''} differ from "
+                        f"those of {src}: {ours[:5]}{'...' if len(ours) > 5 else ''}")
+    return _shuffled(test.items, np.random.default_rng(seed))
 
 
 def _random_subset(items: list[SourceItem], limit: int | None, seed: int) -> list[SourceItem]:
@@ -518,6 +540,9 @@ class PrepareConfig(Section):
 
     format: Literal[FORMATS] = Field(description="Source format, as in `distill shard --format`.")  # type: ignore[valid-type]
     src: PathOrURL | None = Field(None, description="Source path (not for digits).")
+    test_src: PathOrURL | None = Field(
+        None, description="A separate source written whole as the test split (e.g. CIFAR-10's official test "
+        "folder); splits then divide src only.")
     images_dir: PathOrURL | None = None
     class_list: PathOrURL | None = None
     shard_size: int = Field(1000, ge=1)
@@ -541,5 +566,5 @@ def ensure_shards(
     return shard_dataset(
         prepare.format, prepare.src, shards_url, shard_size=prepare.shard_size, max_side=prepare.max_side,
         splits=prepare.splits, seed=prepare.seed, class_list=prepare.class_list, images_dir=prepare.images_dir,
-        storage_config=storage_config, limit=prepare.limit,
+        storage_config=storage_config, limit=prepare.limit, test_src=prepare.test_src,
     )

@@ -34,17 +34,27 @@ class DistillConfig(Section):
         "1: keep all, fastest)."
     )
     init: Literal["real", "noise"] = Field("real", description="Initialise from random real samples or noise.")
-    labels: Literal["hard", "soft"] = Field("hard", description="soft: learnable, initialised from expert logits.")
+    labels: Literal["hard", "soft", "soft_first_expert"] = Field(
+        "hard", description="soft: DATM's learnable soft labels (real images the experts classify correctly, "
+        "labels = the mean final-epoch logits of the experts that do); soft_first_expert: logits of the first "
+        "expert at the start window's end on random real images.")
     lr_img: float = Field(1000.0, gt=0, description="Outer SGD lr of the synthetic images (and text vectors).")
     lr_text: float | None = Field(None, gt=0, description="Image-text: lr of the text vectors (default lr_img).")
     lr_lr: float = Field(1e-5, ge=0, description="Outer SGD lr of the learnable step sizes.")
     lr_label: float = Field(2.0, gt=0, description="Outer SGD lr of soft labels.")
     lr_teacher: float | None = Field(None, gt=0, description="Initial student step size (default: the experts' lr).")
     momentum: float = Field(0.5, ge=0, lt=1, description="Outer SGD momentum.")
+    label_momentum: float = Field(0.9, ge=0, lt=1, description="Outer SGD momentum of soft labels (DATM: 0.9).")
+    skip_loss_above: float | None = Field(
+        None, gt=0, description="An iteration whose matching loss is above this updates nothing (DATM's "
+        "threshold, 1.0 in its configs); None: every iteration updates.")
     dsa: bool = Field(True, description="Differentiable augmentation in the inner loop.")
     dsa_strategy: str = Field(DEFAULT_STRATEGY)
     ema_decay: float | None = Field(None, gt=0, lt=1, description="Keep an EMA of the images; output the EMA.")
     checkpoint_every: int = Field(100, ge=1, description="Write the synthetic set to run_dir every K iterations.")
+    snapshot_every: int | None = Field(
+        None, ge=1, description="Keep the set every K iterations (snapshots/): evaluation then also reports the "
+        "snapshot that scores best on the validation split, as MTT reports the best of its evaluations.")
     max_loss: float = Field(1e3, gt=0, description="A matching loss above this (or not finite) stops the run.")
     seed: int = 0
 

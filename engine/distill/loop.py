@@ -7,8 +7,10 @@
             L_j, ∂L_j = match_trajectory(problem, θ*_t, θ*_{t+M}, α, …)
         gradients averaged over all segments (all-reduced over data-parallel workers)
         a non-finite or exploding L stops the run, naming the iteration; the last checkpoint stays
-        SGD with momentum on images, soft labels / text vectors and α; optional EMA of the images
+        unless L > skip_loss_above (DATM): SGD with momentum on images, soft labels / text vectors and α;
+        optional EMA of the images
         every ``checkpoint_every`` iterations: write the state atomically (resume starts there)
+        every ``snapshot_every`` iterations (optional): keep the set as it is then, for best-of evaluation
 
 With W workers, worker r computes segments r, r + W, …: the result equals one process computing
 all of them (tested). The method supplies the synthetic set's inner problem and parameter groups.
@@ -33,7 +35,7 @@ from tqdm import tqdm
 from engine import storage
 from engine.distill.config import DistillConfig
 from engine.distill.matching import InnerProblem, match_trajectory
-from engine.distill.synthetic import CHECKPOINT_NAME, SyntheticSet
+from engine.distill.synthetic import CHECKPOINT_NAME, SyntheticSet, snapshot_url
 from engine.errors import EngineError
 from engine.models.params import flatten
 from engine.storage import StorageConfig
@@ -41,7 +43,7 @@ from engine.trajectories.store import TrajectoryStore
 from engine.trajectories.train import safetensors_metadata, sgd_step
 
 # Keys of the distill config that may change between a checkpoint and its resumption.
-RESUMABLE_CHANGES = ("iterations", "checkpoint_every", "max_loss")
+RESUMABLE_CHANGES = ("iterations", "checkpoint_every", "snapshot_every", "max_loss")
 Reduce = Callable[[list[Tensor]], list[Tensor]]  # sums tensors over data-parallel workers
 
 
@@ -132,6 +134,7 @@ class Distiller:
         self.ema = synthetic.images.detach().clone() if config.ema_decay else None
         self.iteration = 0
         self.history: list[dict[str, float]] = []  # mean loss per checkpoint interval
+        self.skipped = 0  # iterations above distill.skip_loss_above, which updated nothing
         self._interval_losses: list[float] = []
 
     # --- one iteration ---------------------------------------------------------------------------
@@ -179,7 +182,8 @@ class Distiller:
         lrs = {"images": self.config.lr_img, "labels": self.config.lr_label, "alphas": self.config.lr_lr,
                "text": self.config.lr_text or self.config.lr_img}
         for name, tensor in self.synthetic.learnable().items():
-            sgd_step([tensor], [grads[name]], [self.momentum[name]], lrs[name], self.config.momentum, 0.0)
+            momentum = self.config.label_momentum if name == "labels" else self.config.momentum
+            sgd_step([tensor], [grads[name]], [self.momentum[name]], lrs[name], momentum, 0.0)
         self.synthetic.alphas.clamp_(min=0.0)  # a negative step size would make the student ascend
         if self.ema is not None:
             self.ema.mul_(self.config.ema_decay).add_(self.synthetic.images.detach(), alpha=1 - self.config.ema_decay)
@@ -194,7 +198,10 @@ class Distiller:
         for iteration in bar:
             loss, grads = self.gradients(iteration)
             self.check(iteration, loss, grads)
-            self.update(grads)
+            if self.config.skip_loss_above is None or loss <= self.config.skip_loss_above:
+                self.update(grads)
+            else:
+                self.skipped += 1
             self.iteration = iteration + 1
             self._interval_losses.append(loss)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.synthetic.alphas.mean().item():.3g}")
@@ -202,6 +209,10 @@ class Distiller:
                 self.on_iteration(self.iteration, loss, self.result())
             if self.iteration % self.config.checkpoint_every == 0 or self.iteration == self.config.iterations:
                 self.save_checkpoint()
+            if self.config.snapshot_every and self.iteration % self.config.snapshot_every == 0 and self.rank == 0:
+                result = self.result()
+                result.metadata["iteration"] = self.iteration
+                storage.write_bytes(snapshot_url(self.out_url, self.iteration), result.to_bytes(), self.storage_config)
         return self.result()
 
     def result(self) -> SyntheticSet:
@@ -228,7 +239,7 @@ class Distiller:
         if self.ema is not None:
             tensors["ema"] = self.ema.cpu().contiguous()
         info = {"iteration": self.iteration, "config": self._config_json(), "history": self.history,
-                "experts": self.segments.experts}
+                "experts": self.segments.experts, "skipped": self.skipped}
         data = save_safetensors(tensors, metadata={"checkpoint": json.dumps(info, sort_keys=True)})
         storage.write_bytes(storage.join(self.out_url, CHECKPOINT_NAME), data, self.storage_config)
 
@@ -260,6 +271,7 @@ class Distiller:
             self.ema.copy_(tensors["ema"])
         self.iteration = int(info["iteration"])
         self.history = list(info["history"])
+        self.skipped = int(info.get("skipped", 0))
 
 
 def minibatch_schedule(num: int, batch: int | None, steps: int, generator: torch.Generator) -> list[Tensor]:

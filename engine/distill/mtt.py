@@ -11,6 +11,7 @@ parameters the experts did not record keep the values of the model passed in.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,10 @@ from engine.distill.config import DistillConfig
 from engine.distill.loop import minibatch_schedule
 from engine.distill.synthetic import SyntheticSet
 from engine.errors import DataError
-from engine.models.params import parameter_shapes, unflatten
+from engine.models.params import parameter_shapes, train_mode, unflatten
+from engine.trajectories.train import seeded_global_rng
+
+logger = logging.getLogger(__name__)
 
 
 def soft_cross_entropy(logits: Tensor, label_logits: Tensor) -> Tensor:
@@ -37,10 +41,11 @@ def classification_loss(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 class FunctionalModel:
-    """A module run on a flat vector of (some of) its parameters: ``model(theta, x)``."""
+    """A module run on a flat vector of (some of) its parameters: ``model(theta, x)``, in the mode the
+    experts trained it in (``train_mode``: frozen parts in eval mode)."""
 
     def __init__(self, module: nn.Module, names: list[str]):
-        self.module = module
+        self.module = train_mode(module, names)
         self.shapes = parameter_shapes(module, names)
         self.buffers = dict(module.named_buffers())
 
@@ -52,9 +57,15 @@ class FunctionalModel:
         return functional_call(self.module, {**self.buffers, **unflatten(theta, self.shapes)}, inputs)
 
 
+def step_rng_seeds(steps: int, generator: torch.Generator) -> list[int]:
+    """One seed per inner step for the random layers of the student (dropout, LoRA dropout): the
+    backward pass of the exact gradient replays each step's forward with the same masks."""
+    return torch.randint(2**62, (steps,), generator=generator).tolist()
+
+
 @dataclass
 class ClassificationProblem:
-    """ℓ_i(θ) = CE(f_θ(A_i(x[b_i])), y[b_i]) with the mini-batches and DSA draws fixed up front."""
+    """ℓ_i(θ) = CE(f_θ(A_i(x[b_i])), y[b_i]) with the mini-batches, DSA draws and dropout seeds fixed up front."""
 
     student: FunctionalModel
     images: Tensor
@@ -62,13 +73,15 @@ class ClassificationProblem:
     batches: list[Tensor]
     dsa: DSA | None
     draws: list[DSADraw] | None
+    rng_seeds: list[int]
 
     def step_loss(self, theta: Tensor, step: int) -> Tensor:
         index = self.batches[step]
         x = self.images[index]
         if self.dsa is not None:
             x = self.dsa.apply(x, self.draws[step])
-        return classification_loss(self.student(theta, x), self.labels[index])
+        with seeded_global_rng(self.rng_seeds[step], theta.device):
+            return classification_loss(self.student(theta, x), self.labels[index])
 
 
 class MTT:
@@ -85,7 +98,8 @@ class MTT:
         batches = minibatch_schedule(len(synthetic), self.config.batch_syn, self.config.syn_steps, generator)
         shape = synthetic.images.shape[1:]
         draws = [self.dsa.sample((len(b), *shape), generator) for b in batches] if self.dsa else None
-        return ClassificationProblem(self.student, synthetic.images, synthetic.labels, batches, self.dsa, draws)
+        return ClassificationProblem(self.student, synthetic.images, synthetic.labels, batches, self.dsa, draws,
+                                     step_rng_seeds(len(batches), generator))
 
 
 def class_indices(labels: Tensor, ipc: int, generator: torch.Generator, num_classes: int) -> Tensor:
@@ -114,5 +128,53 @@ def init_synthetic(images: Tensor, labels: Tensor, num_classes: int, config: Dis
 
 @torch.no_grad()
 def soft_labels_from_expert(synthetic: SyntheticSet, student: FunctionalModel, theta: Tensor) -> Tensor:
-    """DATM: learnable label logits initialised to an expert's logits on the initial images."""
-    return student(theta, synthetic.images).detach().clone()
+    """``labels: soft_first_expert``: learnable label logits initialised to one expert's logits on the
+    initial images."""
+    return logits_of(student, theta, synthetic.images)
+
+
+@torch.no_grad()
+def logits_of(student: FunctionalModel, theta: Tensor, images: Tensor, batch: int = 256) -> Tensor:
+    """(N, K) logits of the student at ``theta``, in batches, with a fixed dropout draw."""
+    with seeded_global_rng(0, images.device):
+        return torch.cat([student(theta, x) for x in images.split(batch)]).detach()
+
+
+def datm_init(images: Tensor, labels: Tensor, num_classes: int, config: DistillConfig, step_size: float,
+              generator: torch.Generator, student: FunctionalModel, finals: list[Tensor]) -> SyntheticSet:
+    """DATM (Guo et al. 2024), ``labels: soft``: with ``init: real``, ``ipc`` real images per class that the
+    first expert at its final epoch classifies correctly (then the next expert, and so on, if a class runs
+    short); learnable label logits = per image, the mean final-epoch logits of the experts that classify
+    it correctly (of all experts if none does). ``finals``: every expert's final parameters."""
+    if config.init == "real":
+        index = torch.cat([_correct_members(images, labels, c, config.ipc, generator, student, finals)
+                           for c in range(num_classes)])
+        syn_images = images[index].clone()
+    else:
+        syn_images = torch.randn((num_classes * config.ipc, *images.shape[1:]), generator=generator).to(images)
+    syn_labels = torch.arange(num_classes, device=labels.device).repeat_interleave(config.ipc)
+    logits = torch.stack([logits_of(student, theta, syn_images) for theta in finals])  # (E, M, K)
+    correct = (logits.argmax(2) == syn_labels).to(logits.dtype).unsqueeze(2)  # (E, M, 1)
+    counts = correct.sum(0)
+    averaged = torch.where(counts > 0, (logits * correct).sum(0) / counts.clamp(min=1), logits.mean(0))
+    alphas = torch.tensor([step_size], dtype=images.dtype, device=images.device)
+    return SyntheticSet(syn_images, alphas, averaged.clone())
+
+
+def _correct_members(images: Tensor, labels: Tensor, c: int, ipc: int, generator: torch.Generator,
+                     student: FunctionalModel, finals: list[Tensor]) -> Tensor:
+    members = (labels == c).nonzero().flatten()
+    if len(members) < ipc:
+        raise DataError(f"class {c} has {len(members)} training samples, fewer than ipc {ipc}")
+    members = members[torch.randperm(len(members), generator=generator).to(members.device)]
+    chosen: list[int] = []
+    for theta in finals:
+        remaining = members[~torch.isin(members, torch.tensor(chosen, dtype=members.dtype, device=members.device))]
+        right = logits_of(student, theta, images[remaining]).argmax(1) == c
+        chosen += remaining[right][: ipc - len(chosen)].tolist()
+        if len(chosen) == ipc:
+            return torch.tensor(chosen, device=members.device)
+    logger.warning("class %d: only %d of its samples are classified correctly by an expert; %d more are taken "
+                   "as they come", c, len(chosen), ipc - len(chosen))
+    rest = [i for i in members.tolist() if i not in set(chosen)]
+    return torch.tensor(chosen + rest[: ipc - len(chosen)], device=members.device)

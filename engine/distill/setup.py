@@ -18,7 +18,7 @@ from engine.data.preprocess import Preprocess
 from engine.data.text_features import CaptionFeatures
 from engine.distill.config import DistillConfig
 from engine.distill.loop import Distiller, ExpertSegments, Reduce
-from engine.distill.mtt import MTT, init_synthetic, soft_labels_from_expert
+from engine.distill.mtt import MTT, datm_init, init_synthetic, soft_labels_from_expert
 from engine.distill.synthetic import SyntheticSet, save_outputs
 from engine.distill.vl import VisionLanguage, init_pairs, nearest_captions
 from engine.experiment import (
@@ -101,8 +101,14 @@ def build_distiller(inputs: DistillInputs, device: torch.device, *, rank: int = 
                                config, step_size, generator)
     else:
         method = MTT(model, names, config)
-        synthetic = init_synthetic(images, inputs.labels.to(device), inputs.num_classes, config, step_size, generator)
+        labels = inputs.labels.to(device)
         if config.labels == "soft":
+            finals = [segments.flat(e, store.num_epochs) for e in segments.experts]
+            synthetic = datm_init(images, labels, inputs.num_classes, config, step_size, generator, method.student,
+                                  finals)
+        else:
+            synthetic = init_synthetic(images, labels, inputs.num_classes, config, step_size, generator)
+        if config.labels == "soft_first_expert":
             expert = segments.flat(segments.experts[0], min(config.max_start_epoch, store.num_epochs))
             synthetic.labels = soft_labels_from_expert(synthetic, method.student, expert)
     synthetic.metadata = {**describe_run(inputs, store), **synthetic.metadata,
@@ -126,6 +132,7 @@ def finish(inputs: DistillInputs, distiller: Distiller) -> SyntheticSet:
     result = distiller.result()
     result.metadata |= {
         "iterations": distiller.iteration,
+        "skipped_iterations": distiller.skipped,
         "step_sizes": result.alphas.tolist(),
         "loss_history": distiller.history,
     }

@@ -5,9 +5,11 @@ what the experts were trained on. Outputs under ``<out>/``:
 
     synthetic.safetensors   images, labels (hard int64 or soft logits), text vectors, step sizes;
                             metadata: a JSON manifest (method, config, store, ipc, step sizes)
+    snapshots/              the set every ``distill.snapshot_every`` iterations (same format), if asked for
     manifest.json           the same manifest, readable without safetensors
     shards/                 a WebDataset shard of the images as PNG pixels (+ .cls / .json) and its manifest
-    grid.png                the images as pixels, one row per class
+                            (images only)
+    grid.png                the images as pixels, one row per class; clips: one row of frames per clip
     pairs.html              image-text pairs: each image beside the real caption nearest its text vector
 """
 
@@ -37,6 +39,21 @@ from engine.trajectories.train import safetensors_metadata
 
 FILE_NAME = "synthetic.safetensors"
 CHECKPOINT_NAME = "checkpoint.safetensors"
+SNAPSHOTS = "snapshots"
+
+
+def snapshot_url(folder_url: str, iteration: int) -> str:
+    return storage.join(folder_url, SNAPSHOTS, f"iteration-{iteration:06d}.safetensors")
+
+
+def list_snapshots(folder_url: str, storage_config: StorageConfig | None = None) -> dict[int, str]:
+    """Iteration -> URL of the snapshots a run kept (``distill.snapshot_every``), in iteration order."""
+    folder = storage.join(folder_url, SNAPSHOTS)
+    if not storage.exists(folder, storage_config):
+        return {}
+    urls = storage.list_files(folder, storage_config, suffix=".safetensors")
+    found = {int(u.rsplit("iteration-", 1)[1].split(".")[0]): u for u in urls if "/iteration-" in u}
+    return dict(sorted(found.items()))
 
 
 @dataclass
@@ -108,8 +125,13 @@ def save_outputs(
     storage.write_bytes(storage.join(out_url, FILE_NAME), synthetic.to_bytes(), storage_config)
     storage.write_json(storage.join(out_url, "manifest.json"), synthetic.metadata, storage_config)
     labels = synthetic.hard_labels().tolist() if synthetic.labels is not None else None
-    _write_pixel_shard(pixels, labels, class_names, storage.join(out_url, "shards"), storage_config, captions)
     tags = [class_names[i] for i in labels] if labels is not None and class_names else None
+    if pixels.ndim == 5:  # clips (M, T, C, H, W): one row of frames per clip
+        frames = pixels.shape[1]
+        save_grid(pixels.flatten(0, 1), storage.join(out_url, "grid.png"), nrow=frames,
+                  labels=[t for t in tags for _ in range(frames)] if tags else None, storage_config=storage_config)
+        return
+    _write_pixel_shard(pixels, labels, class_names, storage.join(out_url, "shards"), storage_config, captions)
     ipc = max(1, len(synthetic) // max(1, len(class_names))) if labels is not None else 10
     save_grid(pixels, storage.join(out_url, "grid.png"), nrow=ipc if labels is not None else 10, labels=tags,
               storage_config=storage_config)

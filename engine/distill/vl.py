@@ -23,10 +23,10 @@ from torch import Tensor, nn
 from engine.data.augment import DSA, DSADraw
 from engine.distill.config import DistillConfig
 from engine.distill.loop import minibatch_schedule
-from engine.distill.mtt import FunctionalModel
+from engine.distill.mtt import FunctionalModel, step_rng_seeds
 from engine.distill.synthetic import SyntheticSet
 from engine.errors import DataError
-from engine.trajectories.train import infonce_loss
+from engine.trajectories.train import infonce_loss, seeded_global_rng
 
 IMAGE, TEXT = 0, 1  # parameter groups: one step size and one distance term each
 TEXT_PREFIX = "text_head."
@@ -44,7 +44,8 @@ def learned_lr(alphas: Tensor) -> Callable[[str], float]:
 
 @dataclass
 class ContrastiveProblem:
-    """ℓ_i(θ) = InfoNCE_τ(images A_i(x[b_i]), text vectors t[b_i]) with batches and draws fixed up front."""
+    """ℓ_i(θ) = InfoNCE_τ(images A_i(x[b_i]), text vectors t[b_i]) with batches, draws and dropout seeds fixed
+    up front."""
 
     student: FunctionalModel
     images: Tensor
@@ -52,6 +53,7 @@ class ContrastiveProblem:
     batches: list[Tensor]
     dsa: DSA | None
     draws: list[DSADraw] | None
+    rng_seeds: list[int]
     temperature: float
 
     def step_loss(self, theta: Tensor, step: int) -> Tensor:
@@ -59,7 +61,8 @@ class ContrastiveProblem:
         x = self.images[index]
         if self.dsa is not None:
             x = self.dsa.apply(x, self.draws[step])
-        image_emb, text_emb = self.student(theta, x, self.text[index])
+        with seeded_global_rng(self.rng_seeds[step], theta.device):
+            image_emb, text_emb = self.student(theta, x, self.text[index])
         return infonce_loss(image_emb, text_emb, self.temperature)
 
 
@@ -83,7 +86,7 @@ class VisionLanguage:
         shape = synthetic.images.shape[1:]
         draws = [self.dsa.sample((len(b), *shape), generator) for b in batches] if self.dsa else None
         return ContrastiveProblem(self.student, synthetic.images, synthetic.text, batches, self.dsa, draws,
-                                  self.temperature)
+                                  step_rng_seeds(len(batches), generator), self.temperature)
 
 
 def init_pairs(images: Tensor, text_features: Tensor, caption_image: Tensor, count: int, config: DistillConfig,

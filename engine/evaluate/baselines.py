@@ -14,7 +14,7 @@ Rows: ``{"method", "size", "metric": "accuracy", "mean", "std", "runs"}`` with a
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -23,17 +23,19 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
 from engine import storage
-from engine.distill.synthetic import SyntheticSet
-from engine.evaluate.classification import Scores, evaluate_set
+from engine.distill.synthetic import SyntheticSet, list_snapshots
+from engine.evaluate.classification import Scores, TrainConfig, evaluate_set
 from engine.experiment import ExperimentConfig, load_preprocess, load_split, model_spec, prepare_data
 from engine.models.params import select_parameters, set_flat
 from engine.models.registry import build_model
+from engine.seeds import evaluation_seeds, stream_seed
 from engine.select import coresets
 from engine.select.forgetting import forgetting_counts
 from engine.trajectories.store import TrajectoryStore
 from engine.trajectories.train import ExpertData, build_seeded
 
 FEATURE_BATCH = 1024
+BEST_SNAPSHOT = "distilled (best val)"  # the row of the snapshot chosen on the validation split
 
 
 @dataclass
@@ -49,20 +51,43 @@ class ClassificationData:
 
 def load_classification_data(config: ExperimentConfig, device: torch.device) -> ClassificationData:
     manifest = prepare_data(config)
-    preprocess = load_preprocess(config)
     train = load_split(config, config.data.split)
-    held_out = load_split(config, config.evaluate.split)
     spec = model_spec(config, manifest, config.evaluate.model)
     return ClassificationData(
-        preprocess.apply(train.images).to(device), train.labels.to(device),
-        preprocess.apply(held_out.images).to(device), held_out.labels.to(device),
+        load_preprocess(config).apply(train.images).to(device), train.labels.to(device),
+        *held_out_split(config, config.evaluate.split, device),
         len(manifest.classes), lambda: build_model(spec), manifest.fingerprint(),
     )
 
 
-def row(method: str, size: int, scores: Scores, metric: str = "accuracy") -> dict[str, Any]:
+def held_out_split(config: ExperimentConfig, split: str, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(images in model-input space, labels) of a split that is scored, not trained on."""
+    data = load_split(config, split)
+    return load_preprocess(config).apply(data.images).to(device), data.labels.to(device)
+
+
+def row(method: str, size: int, scores: Scores, metric: str = "accuracy", **details: Any) -> dict[str, Any]:
+    """One result: what was measured, and how (``details``: lr, epochs, the snapshot chosen...)."""
     return {"method": method, "size": size, "metric": metric, "mean": round(scores.mean, 4),
-            "std": round(scores.std, 4), "runs": [round(v, 4) for v in scores.values]}
+            "std": round(scores.std, 4), "runs": [round(v, 4) for v in scores.values], "seeds": scores.seeds,
+            **details}
+
+
+def best_snapshot(config: ExperimentConfig, size: int,
+                  score: Callable[[SyntheticSet], float]) -> tuple[int, SyntheticSet, float] | None:
+    """The snapshot of the distilled set at ``size`` (``distill.snapshot_every``) that ``score`` (measured on
+    ``evaluate.best_snapshot_split``, never the reported split) rates best, the latest on ties; None if
+    the run kept no snapshots or the selection is off."""
+    snapshots = list_snapshots(config.distill_dir(size), config.storage)
+    if not config.evaluate.selects_best_snapshot or not snapshots:
+        return None
+    best: tuple[int, SyntheticSet, float] | None = None
+    for iteration, url in snapshots.items():
+        synthetic = SyntheticSet.from_bytes(storage.read_bytes(url, config.storage), storage.redact(url))
+        value = score(synthetic)
+        if best is None or value >= best[2]:
+            best = (iteration, synthetic, value)
+    return best
 
 
 def classification_rows(config: ExperimentConfig, sizes: list[int], device: torch.device,
@@ -70,29 +95,54 @@ def classification_rows(config: ExperimentConfig, sizes: list[int], device: torc
     """Evaluate every configured method at every size; yields rows as they are measured."""
     ev = config.evaluate
     data = load_classification_data(config, device)
+    seeds = evaluation_seeds(ev.seed, ev.repeats)
 
-    def score(images: Tensor, targets: Tensor, lr: float, epochs: int | None = None) -> Scores:
-        train = ev.train if epochs is None else ev.train.model_copy(update={"epochs": epochs})
-        return evaluate_set(data.build, images, targets, data.eval_images, data.eval_labels, train, lr,
-                            ev.repeats, seed=ev.seed)
+    def score(images: Tensor, targets: Tensor, lr: float, train: TrainConfig = ev.train,
+              on: ClassificationData = data) -> Scores:
+        return evaluate_set(on.build, images, targets, on.eval_images, on.eval_labels, train, lr, seeds)
+
+    def report(method: str, size: int, scores: Scores, lr: float, **details: Any) -> dict[str, Any]:
+        log(f"  {method:<10} ipc {size:<4} accuracy {scores.mean:6.2f} ± {scores.std:.2f}")
+        return row(method, size, scores, lr=lr, epochs=details.pop("epochs", ev.train.epochs), **details)
 
     chooser = CoresetChooser(config, data, device)
     for size in sizes:
         for method in ev.methods:
             if method == "distilled":
-                synthetic = SyntheticSet.load(config.distill_dir(size), config.storage)
-                lr = float(synthetic.alphas.mean()) if ev.use_learned_lr else ev.train.lr
-                scores = score(synthetic.images.to(device), synthetic.labels.to(device), lr)
+                yield from distilled_rows(config, size, data, score, report, device)
             else:
                 index = chooser.choose(method, size)
                 scores = score(data.train_images[index], data.train_labels[index], ev.train.lr)
-            log(f"  {method:<10} ipc {size:<4} accuracy {scores.mean:6.2f} ± {scores.std:.2f}")
-            yield row(method, size, scores)
+                yield report(method, size, scores, ev.train.lr)
     if ev.full:
-        scores = score(data.train_images, data.train_labels, ev.train.lr, ev.full_epochs)
+        full = ev.train.model_copy(update={"epochs": ev.full_epochs})
         size = round(len(data.train_labels) / data.num_classes)
-        log(f"  {'full':<10} ipc {size:<4} accuracy {scores.mean:6.2f} ± {scores.std:.2f}")
-        yield row("full", size, scores)
+        yield report("full", size, score(data.train_images, data.train_labels, ev.train.lr, full), ev.train.lr,
+                     epochs=ev.full_epochs)
+
+
+def distilled_rows(config: ExperimentConfig, size: int, data: ClassificationData, score, report,
+                   device: torch.device) -> Iterator[dict[str, Any]]:
+    """The final distilled set, then (if snapshots were kept) the snapshot best on the selection split."""
+    ev = config.evaluate
+
+    def lr_of(synthetic: SyntheticSet) -> float:
+        return float(synthetic.alphas.mean()) if ev.use_learned_lr else ev.train.lr
+
+    synthetic = SyntheticSet.load(config.distill_dir(size), config.storage)
+    yield report("distilled", size, score(synthetic.images.to(device), synthetic.labels.to(device),
+                                          lr_of(synthetic)), lr_of(synthetic))
+    if not ev.selects_best_snapshot or not list_snapshots(config.distill_dir(size), config.storage):
+        return
+    selection = replace(data, **dict(zip(("eval_images", "eval_labels"),
+                                         held_out_split(config, ev.best_snapshot_split, device), strict=True)))
+    best = best_snapshot(config, size, lambda s: score(s.images.to(device), s.labels.to(device), lr_of(s),
+                                                        on=selection).mean)
+    if best is not None:
+        iteration, chosen, value = best
+        scores = score(chosen.images.to(device), chosen.labels.to(device), lr_of(chosen))
+        yield report(BEST_SNAPSHOT, size, scores, lr_of(chosen), iteration=iteration,
+                     selected_on={"split": ev.best_snapshot_split, "accuracy": round(value, 4)})
 
 
 def quick_score(config: ExperimentConfig) -> Callable[[SyntheticSet], float]:
@@ -118,7 +168,7 @@ def quick_score(config: ExperimentConfig) -> Callable[[SyntheticSet], float]:
     def score(synthetic: SyntheticSet) -> float:
         lr = float(synthetic.alphas.mean()) if ev.use_learned_lr else train.lr
         return evaluate_set(data.build, synthetic.images.to(device), synthetic.labels.to(device), data.eval_images,
-                            data.eval_labels, train, lr, repeats=1, seed=ev.seed).mean
+                            data.eval_labels, train, lr, evaluation_seeds(ev.seed, 1)).mean
 
     return score
 
@@ -133,7 +183,7 @@ class CoresetChooser:
 
     def choose(self, method: str, ipc: int) -> Tensor:
         labels = self.data.train_labels.cpu()
-        generator = torch.Generator().manual_seed(self.config.evaluate.seed * 1000 + ipc)
+        generator = torch.Generator().manual_seed(stream_seed("coreset", self.config.evaluate.seed, ipc))
         return coresets.choose(method, ipc, len(labels), labels, generator, self.features, self.counts)
 
     def expert_model(self) -> nn.Module:
@@ -161,11 +211,11 @@ class CoresetChooser:
             self._counts = load_safetensors(storage.read_bytes(url, self.config.storage))["counts"]
             return self._counts
         spec = model_spec(self.config, prepare_data(self.config))
-        model = build_seeded(lambda: build_model(spec), self.config.evaluate.seed).to(self.device)
+        seed = stream_seed("forgetting", self.config.evaluate.seed)
+        model = build_seeded(lambda: build_model(spec), seed).to(self.device)
         recorded = select_parameters(model, self.config.experts.record)
         data = ExpertData(self.data.train_images, self.data.train_labels)
-        self._counts = forgetting_counts(model, data, self.config.experts.train, recorded,
-                                         seed=self.config.evaluate.seed).cpu()
+        self._counts = forgetting_counts(model, data, self.config.experts.train, recorded, seed=seed).cpu()
         storage.write_bytes(url, save_safetensors({"counts": self._counts.contiguous()}), self.config.storage)
         return self._counts
 

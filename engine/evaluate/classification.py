@@ -6,8 +6,8 @@ divided by 10 half-way, DSA on every batch, a new network per repeat (seeded), a
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from engine.config import Section
 from engine.data.augment import DEFAULT_STRATEGY, DSA
 from engine.distill.mtt import classification_loss
+from engine.models.params import train_mode
 from engine.trajectories.train import build_seeded, seeded_global_rng, sgd_step
 
 EVAL_BATCH = 1024
@@ -37,6 +38,7 @@ class TrainConfig(Section):
 @dataclass(frozen=True)
 class Scores:
     values: list[float]
+    seeds: list[int] = field(default_factory=list)  # of the fresh network behind each value
 
     @property
     def mean(self) -> float:
@@ -65,7 +67,7 @@ def train_network(model: nn.Module, images: Tensor, targets: Tensor, config: Tra
     params = [p for _, p in named]
     base_lrs = [lr(name) if callable(lr) else lr for name, _ in named]
     momentum = [torch.zeros_like(p) for p in params]
-    model.train()
+    train_mode(model, [name for name, _ in named])
     with seeded_global_rng(seed, images.device):
         for epoch in range(config.epochs):
             decay = 0.1 if epoch >= config.epochs // 2 else 1.0
@@ -88,12 +90,13 @@ def accuracy(model: nn.Module, images: Tensor, labels: Tensor) -> float:
 
 
 def evaluate_set(build: Callable[[], nn.Module], images: Tensor, targets: Tensor, test_images: Tensor,
-                 test_labels: Tensor, config: TrainConfig, lr: float, repeats: int, seed: int = 0) -> Scores:
-    """Accuracy of ``repeats`` fresh networks (seeds seed, seed+1, …) trained on (images, targets)."""
+                 test_labels: Tensor, config: TrainConfig, lr: float, seeds: Sequence[int]) -> Scores:
+    """Accuracy of one fresh network per seed (``engine.seeds.evaluation_seeds``: never an expert's
+    starting point), each initialised and trained with its seed on (images, targets)."""
     device = images.device
     values = []
-    for repeat in range(repeats):
-        model = build_seeded(build, seed + repeat).to(device)
-        train_network(model, images, targets, config, lr, seed + repeat)
+    for seed in seeds:
+        model = build_seeded(build, seed).to(device)
+        train_network(model, images, targets, config, lr, seed)
         values.append(accuracy(model, test_images, test_labels))
-    return Scores(values)
+    return Scores(values, list(seeds))

@@ -2,10 +2,11 @@
 on coresets of real pairs, and on all training pairs.
 
     distilled   the pairs in <run_dir>/distill/ipc-<M>/ (M = pairs), each side trained with its learned step size
-    random      M real (image, caption) pairs chosen uniformly
-    herding / kcenter   greedy over joint embeddings [image; caption] of the pairs from an expert
-    forgetting  the pairs forgotten most often — a caption's nearest image right, then wrong — during a
-                training run with the experts' recipe
+    coresets    M real pairs of M different images: one caption of each training image is drawn, then
+        random      M of those pairs chosen uniformly
+        herding / kcenter   greedy over joint embeddings [image; caption] of the pairs from an expert
+        forgetting  the pairs forgotten most often — a caption's nearest image right, then wrong — during
+                    a training run with the experts' recipe
     full        every training pair (upper bound)
 
 Fresh models: the experts' dual encoder with the same frozen parts, the recorded parameters trained
@@ -17,7 +18,7 @@ Metrics on ``evaluate.split``: image->text (TR) and text->image (IR) recall@1/5/
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -26,8 +27,9 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
 from engine import storage
-from engine.distill.synthetic import SyntheticSet
+from engine.distill.synthetic import SyntheticSet, list_snapshots
 from engine.distill.vl import learned_lr
+from engine.errors import DataError
 from engine.evaluate.classification import Scores, train_network
 from engine.evaluate.retrieval import embedding_recalls
 from engine.experiment import (
@@ -39,6 +41,7 @@ from engine.experiment import (
     prepare_data,
 )
 from engine.models.params import set_flat
+from engine.seeds import evaluation_seeds, stream_seed
 from engine.select import coresets
 from engine.select.forgetting import forgetting_counts
 from engine.trajectories.experts import build_shared_frozen
@@ -65,21 +68,26 @@ class PairData:
 def load_pair_data(config: ExperimentConfig, device: torch.device) -> PairData:
     manifest = prepare_data(config)
     spec = model_spec(config, manifest)
-    preprocess = load_preprocess(config)
     train = load_split(config, config.data.split)
-    held_out = load_split(config, config.evaluate.split)
     train_text = caption_features_of(config, manifest, spec, train, config.data.split)
-    eval_text = caption_features_of(config, manifest, spec, held_out, config.evaluate.split)
 
     def build(seed: int) -> tuple[nn.Module, list[str]]:
         model, names = build_shared_frozen(spec, config.experts.record, frozen_seed=config.experts.seed, seed=seed)
         return model.to(device), names
 
     return PairData(
-        preprocess.apply(train.images).to(device), train_text.features.to(device), train_text.image_index.to(device),
-        preprocess.apply(held_out.images).to(device), eval_text.features.to(device),
-        eval_text.image_index.to(device), build, config.experts.train.temperature, manifest.fingerprint(),
+        load_preprocess(config).apply(train.images).to(device), train_text.features.to(device),
+        train_text.image_index.to(device), *held_out_pairs(config, config.evaluate.split, device),
+        build, config.experts.train.temperature, manifest.fingerprint(),
     )
+
+
+def held_out_pairs(config: ExperimentConfig, split: str, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """(images in model-input space, caption features, image of each caption) of a scored split."""
+    manifest = prepare_data(config)
+    data = load_split(config, split)
+    text = caption_features_of(config, manifest, model_spec(config, manifest), data, split)
+    return load_preprocess(config).apply(data.images).to(device), text.features.to(device), text.image_index.to(device)
 
 
 @torch.no_grad()
@@ -99,45 +107,68 @@ def evaluate_pairs(data: PairData, images: Tensor, text: Tensor, config: Experim
     def contrastive(model: nn.Module, x: Tensor, t: Tensor) -> Tensor:
         return infonce_loss(*model(x, t), data.temperature)
 
+    seeds = evaluation_seeds(ev.seed, ev.repeats)
     runs: list[dict[str, float]] = []
-    for repeat in range(ev.repeats):
-        model, names = data.build(ev.seed + repeat)
+    for seed in seeds:
+        model, names = data.build(seed)
         select_trained(model, names)
-        train_network(model, images, text, train, lr, ev.seed + repeat, loss=contrastive)
+        train_network(model, images, text, train, lr, seed, loss=contrastive)
         runs.append(recalls(model, data.eval_images, data.eval_text, data.eval_caption_image))
-    return {m: Scores([r[m] for r in runs]) for m in METRICS}
+    return {m: Scores([r[m] for r in runs], seeds) for m in METRICS}
 
 
 def pair_rows(config: ExperimentConfig, distilled_sizes: list[int], coreset_sizes: list[int], device: torch.device,
               log: Callable[[str], None] = print) -> Iterator[dict[str, Any]]:
     """Evaluate every configured method; yields rows (one per metric) as they are measured."""
-    from engine.evaluate.baselines import row
+    from engine.evaluate.baselines import BEST_SNAPSHOT, best_snapshot, row
 
     ev = config.evaluate
     data = load_pair_data(config, device)
     chooser = PairCoresets(config, data, device)
 
-    def emit(method: str, size: int, scores: dict[str, Scores]) -> Iterator[dict[str, Any]]:
+    def emit(method: str, size: int, scores: dict[str, Scores], lr: float | list[float],
+             epochs: int = ev.train.epochs, **details: Any) -> Iterator[dict[str, Any]]:
         shown = "  ".join(f"{m} {scores[m].mean:5.1f}" for m in METRICS)
         log(f"  {method:<10} {size:>5} pairs  {shown}")
         for metric in METRICS:
-            yield row(method, size, scores[metric], metric)
+            yield row(method, size, scores[metric], metric, lr=lr, epochs=epochs, **details)
+
+    def distilled(synthetic: SyntheticSet, on: PairData = data) -> tuple[dict[str, Scores], float | list[float]]:
+        lr = learned_lr(synthetic.alphas) if ev.use_learned_lr else ev.train.lr
+        scores = evaluate_pairs(on, synthetic.images.to(device), synthetic.text.to(device), config, lr)
+        return scores, synthetic.alphas.tolist() if ev.use_learned_lr else ev.train.lr
 
     if "distilled" in ev.methods:
         for size in distilled_sizes:
-            synthetic = SyntheticSet.load(config.distill_dir(size), config.storage)
-            lr = learned_lr(synthetic.alphas) if ev.use_learned_lr else ev.train.lr
-            yield from emit("distilled", size, evaluate_pairs(data, synthetic.images.to(device),
-                                                               synthetic.text.to(device), config, lr))
+            yield from emit("distilled", size, *distilled(SyntheticSet.load(config.distill_dir(size), config.storage)))
+            if not ev.selects_best_snapshot or not list_snapshots(config.distill_dir(size), config.storage):
+                continue
+            selection = replace(data, **dict(zip(("eval_images", "eval_text", "eval_caption_image"),
+                                                 held_out_pairs(config, ev.best_snapshot_split, device), strict=True)))
+            best = best_snapshot(config, size, lambda s, on=selection: distilled(s, on)[0]["rsum"].mean)
+            if best is not None:
+                iteration, chosen, value = best
+                yield from emit(BEST_SNAPSHOT, size, *distilled(chosen), iteration=iteration,
+                                selected_on={"split": ev.best_snapshot_split, "rsum": round(value, 4)})
     for size in coreset_sizes:
         for method in (m for m in ev.methods if m != "distilled"):
             index = chooser.choose(method, size)
             images = data.train_images[data.train_caption_image[index]]
-            yield from emit(method, size, evaluate_pairs(data, images, data.train_text[index], config, ev.train.lr))
+            yield from emit(method, size, evaluate_pairs(data, images, data.train_text[index], config, ev.train.lr),
+                            ev.train.lr)
     if ev.full:
         images = data.train_images[data.train_caption_image]
         yield from emit("full", len(data.train_text), evaluate_pairs(data, images, data.train_text, config,
-                                                                     ev.train.lr, ev.full_epochs))
+                                                                     ev.train.lr, ev.full_epochs),
+                        ev.train.lr, ev.full_epochs)
+
+
+def one_caption_per_image(caption_image: Tensor, num_images: int, generator: torch.Generator) -> Tensor:
+    """(images with a caption,) caption indices: one caption of each image drawn at random, by image."""
+    order = torch.randperm(len(caption_image), generator=generator)
+    first = torch.full((num_images,), len(order), dtype=torch.long)
+    first.scatter_reduce_(0, caption_image[order], torch.arange(len(order)), reduce="amin")
+    return order[first[first < len(order)]]
 
 
 class PairCoresets:
@@ -149,9 +180,17 @@ class PairCoresets:
         self._counts: Tensor | None = None
 
     def choose(self, method: str, size: int) -> Tensor:
-        generator = torch.Generator().manual_seed(self.config.evaluate.seed * 1000 + size)
-        return coresets.choose(method, size, len(self.data.train_text), None, generator, self.joint_embeddings,
-                               self.counts)
+        """Indices of ``size`` training captions of ``size`` different images. As in the VL paper's
+        baselines, a coreset is a set of images with one caption each: one caption per image is drawn
+        first (seeded, the same draw for every method at a size), then the method picks among those pairs."""
+        generator = torch.Generator().manual_seed(stream_seed("coreset", self.config.evaluate.seed, size))
+        candidates = one_caption_per_image(self.data.train_caption_image.cpu(), len(self.data.train_images),
+                                           generator)
+        if size > len(candidates):
+            raise DataError(f"a coreset of {size} pairs needs {size} training images; the split has {len(candidates)}")
+        picked = coresets.choose(method, size, len(candidates), None, generator,
+                                 lambda: self.joint_embeddings()[candidates], lambda: self.counts()[candidates])
+        return candidates[picked]
 
     def expert_model(self) -> nn.Module:
         """Expert 0 of the store at its last epoch."""
@@ -180,7 +219,8 @@ class PairCoresets:
             self._counts = load_safetensors(storage.read_bytes(url, self.config.storage))["counts"]
             return self._counts
         data = self.data
-        model, names = data.build(self.config.evaluate.seed)
+        seed = stream_seed("forgetting", self.config.evaluate.seed)
+        model, names = data.build(seed)
         pairs = ExpertData(data.train_images[data.train_caption_image], data.train_text)
 
         @torch.no_grad()
@@ -190,6 +230,6 @@ class PairCoresets:
             return (text_emb @ image_emb.T).argmax(1) == data.train_caption_image
 
         self._counts = forgetting_counts(model, pairs, self.config.experts.train, names,
-                                         seed=self.config.evaluate.seed, correct=caption_finds_its_image).cpu()
+                                         seed=seed, correct=caption_finds_its_image).cpu()
         storage.write_bytes(url, save_safetensors({"counts": self._counts.contiguous()}), self.config.storage)
         return self._counts

@@ -177,12 +177,6 @@ class DualEncoder(nn.Module):
         """Size of the text features ``forward`` takes (the text tower's output)."""
         return self.text_encoder.dim
 
-    def train(self, mode: bool = True) -> DualEncoder:
-        super().train(mode)
-        if self.freeze_image_encoder:
-            self.image_encoder.eval()  # a frozen tower keeps its batch-norm statistics
-        return self
-
     def encode_image(self, images: Tensor) -> Tensor:
         return F.normalize(self.image_head(self.image_encoder(images)), dim=-1)  # (B, E)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,27 @@ def select_parameters(model: nn.Module, selection: str) -> list[str]:
                               f"(groups: {', '.join(groups)}; or all, heads)")
     names = {name for group in chosen for name in groups[group]}
     return [name for name, _ in model.named_parameters() if name in names]
+
+
+def train_mode(model: nn.Module, trained: Collection[str]) -> nn.Module:
+    """Put ``model`` in the mode it is trained in, the same for experts, the distillation student and
+    evaluation networks: training mode, except every submodule none of whose parameters is in
+    ``trained``, which runs in eval mode. A frozen tower therefore keeps its batch-norm statistics and
+    runs without dropout, and the function the student follows is the function the experts followed.
+    Parameter-free layers (dropout) follow their parent."""
+    model.train()
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        names = [prefix + name for name, _ in module.named_parameters()]
+        if names and not any(name in trained for name in names):
+            module.eval()
+            return
+        for child_name, child in module.named_children():
+            visit(child, f"{prefix}{child_name}.")
+
+    trained = set(trained)
+    visit(model, "")
+    return model
 
 
 def full_matching_size(model: nn.Module) -> int:

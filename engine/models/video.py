@@ -1,4 +1,5 @@
-"""A small 3D ConvNet for clips (B, C, T, H, W): ConvNet-D with 3x3x3 convolutions.
+"""A small 3D ConvNet for clips (B, T, C, H, W), the engine's one clip layout (readers, DSA, synthetic
+sets): ConvNet-D with 3x3x3 convolutions, run on (B, C, T, H, W) inside.
 
 Each block halves height and width, and halves time while at least two frames are left, so 8 frames
 become 4, 2, 1 over three blocks and a single frame stays one.
@@ -42,8 +43,8 @@ class VideoConvNet(nn.Module):
         self.classifier = nn.Linear(self.feature_dim, num_classes) if num_classes else nn.Identity()
 
     def features(self, x: Tensor) -> Tensor:
-        """(B, C, T, H, W) -> (B, feature_dim): the flattened last feature volume."""
-        return self.blocks(x).flatten(1)
+        """(B, T, C, H, W) -> (B, feature_dim): the flattened last feature volume."""
+        return self.blocks(x.transpose(1, 2)).flatten(1)  # Conv3d wants (B, C, T, H, W)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))  # (B, num_classes)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from engine.evaluate.retrieval import embedding_recalls
 from engine.models.params import get_flat, select_parameters, set_flat
 from engine.models.registry import ModelSpec, build_model
+from engine.seeds import expert_seed
 from engine.storage import StorageConfig
 from engine.trajectories.store import ExpertStatus, TrajectoryStore, record_expert
 from engine.trajectories.train import ExpertConfig, ExpertData, TrainState, build_seeded
@@ -48,7 +49,7 @@ class ExpertPlan:
     device: str = "auto"
 
     def expert_seed(self, expert_id: int) -> int:
-        return self.seed * 1_000_003 + expert_id
+        return expert_seed(self.seed, expert_id)
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from engine.config import Section
 from engine.data.augment import DEFAULT_STRATEGY, DSA
 from engine.errors import DataError, EngineError
+from engine.models.params import train_mode
 
 Objective = Literal["classification", "contrastive"]
 EpochCallback = Callable[[int, dict[str, Tensor], "TrainState"], None]
@@ -214,7 +215,7 @@ def train_epoch(
     """One pass over the data; returns the mean training loss."""
     weights, buffers = list(params.values()), list(momentum.values())
     device = weights[0].device
-    model.train()
+    train_mode(model, params)
     total, count = torch.zeros((), device=device), 0  # summed on the device: no sync per batch
     for images, targets in minibatches(data, config.batch_size, gen):
         images, targets = images.to(device), targets.to(device)
