@@ -22,10 +22,13 @@ import torch
 
 from engine.config import load_config
 from engine.data.preprocess import Preprocess
-from engine.experiment import ExperimentConfig, load_split, model_spec, prepare_data
+from engine.experiment import ExperimentConfig
 from engine.models.params import select_parameters
 from engine.models.registry import build_model
-from engine.trajectories.train import ExpertData, build_seeded, train_expert
+from engine.optim import build_seeded
+from engine.runtime import LocalRuntime
+from engine.stages.context import load_split, model_spec, prepare_data
+from engine.trajectories.train import ExpertData, train_expert
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKERS = 2
@@ -49,7 +52,7 @@ def sequential(config: ExperimentConfig) -> float:
     """(a): every expert in turn, in this process; returns seconds of training."""
     manifest = prepare_data(config)
     spec = model_spec(config, manifest)
-    train = load_split(config, config.data.split)
+    train = load_split(config, config.data.split, LocalRuntime())
     data = ExpertData(Preprocess.fit(train.images, config.preprocess).apply(train.images), train.labels)
     torch.set_num_threads(1)  # one core per expert, as each Ray worker gets
     began = time.perf_counter()

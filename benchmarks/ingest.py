@@ -25,7 +25,8 @@ import torch
 
 from engine import storage
 from engine.data import decode
-from engine.data.reader import DataConfig, ShardSet, read_shard_set, resolve_shards, shard_errors
+from engine.data.shards import DataConfig, ShardSet, resolve_shards
+from engine.runtime.data import read_shard_set, shard_errors
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CIFAR_ARCHIVE = REPO_ROOT.parent / "shared" / "data" / "cifar10" / "train.tar.gz"

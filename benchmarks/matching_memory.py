@@ -63,9 +63,10 @@ def child(args: argparse.Namespace) -> dict:
     """One (mode, N) measurement in this process; returns a JSON-able result."""
     import torch
 
-    from engine.distill.config import DistillConfig
+    from engine.distill.base import MethodSetup
     from engine.distill.matching import match_trajectory
     from engine.distill.mtt import MTT, init_synthetic
+    from engine.distill.mtt import Config as DistillConfig
     from engine.models import ModelSpec, build_model, get_flat, select_parameters
 
     variant, steps = args.child[0], int(args.child[1])
@@ -84,7 +85,7 @@ def child(args: argparse.Namespace) -> dict:
         synthetic = init_synthetic(real, labels, 10, config, 0.01, torch.Generator().manual_seed(0))
         synthetic.images.requires_grad_(True)
         synthetic.alphas.requires_grad_(True)
-        method = MTT(model, names, config)
+        method = MTT(config, MethodSetup(model, names, device))
         start = get_flat(model, names)
         target = start + 0.01 * torch.randn_like(start)
         problem = method.problem(synthetic, torch.Generator().manual_seed(1))

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from engine.errors import EngineError
 
@@ -17,7 +18,7 @@ JOBS: dict[str, tuple[str, str]] = {
     "shard": ("jobs.shard", "write WebDataset shards + manifest from image folders, captions, videos or digits"),
     "data": ("jobs.data", "inspect shards: `distill data info <url>` prints counts and writes a sample grid"),
     "buffer": ("jobs.buffer", "train N expert trajectories in parallel on Ray into a trajectory store"),
-    "distill": ("jobs.distill", "trajectory matching: distil a synthetic set from the expert trajectories"),
+    "distill": ("jobs.distill", "distil a synthetic set with distill.method (mtt, vl) at one size"),
     "pipeline": ("jobs.pipeline", "buffer -> distill at every size -> evaluate against coresets, end to end"),
     "sweep": ("jobs.sweep", "search distillation hyper-parameters with Ray Tune (ASHA); best config as YAML"),
     "evaluate": ("jobs.evaluate", "train fresh networks on distilled sets and coresets; results.json + a table"),
@@ -44,6 +45,20 @@ def run_job(name: str, argv: Sequence[str]) -> int:
     except KeyboardInterrupt:
         print(f"distill {name}: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+
+
+def config_job(argv: Sequence[str], doc: str | None, run: Callable[[Any], object]) -> int:
+    """The ``main`` of a job that takes ``[config.yaml] [key=value ...]``: validate the experiment config,
+    then ``run`` it."""
+    from engine.config import load_config, split_config_args
+    from engine.experiment import ExperimentConfig
+
+    path, overrides = split_config_args(argv)
+    if path in ("-h", "--help"):
+        print(doc)
+        return 0
+    run(load_config(ExperimentConfig, path, overrides))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

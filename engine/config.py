@@ -125,3 +125,21 @@ def split_config_args(argv: Sequence[str]) -> tuple[str | None, list[str]]:
     if args and "=" not in args[0]:
         return args[0], args[1:]
     return None, args
+
+
+def with_overrides(config: ConfigT, values: dict[str, Any], **fixed: Any) -> ConfigT:
+    """``config`` with dotted keys replaced (``{"distill.lr_img": 100}``) and validated again; secrets are
+    kept as they are. A value that does not fit raises ConfigError naming the values."""
+    raw = config.model_dump()
+    for key, value in {**values, **fixed}.items():
+        node = raw
+        *parents, last = key.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {} if node.get(part) is None else node[part]
+            node = node[part]
+        node[last] = value
+    try:
+        return type(config).model_validate(raw)
+    except ValueError as err:
+        raise ConfigError(f"values {values}: {str(err).splitlines()[0:3]}") from None

@@ -149,14 +149,6 @@ def list_files(url: str, storage: StorageConfig | None = None, suffix: str = "")
     return sorted(join(url, n) for n in names if n.endswith(suffix) and not n.startswith("."))
 
 
-def make_dirs(url: str, storage: StorageConfig | None = None) -> None:
-    fs, path = filesystem(url, storage)
-    if fs.protocol in ("file", "local") or "file" in fs.protocol:
-        with _storage_errors(url):
-            fs.makedirs(path, exist_ok=True)
-    # Object stores have no directories; a missing bucket surfaces on the first write.
-
-
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     return "file" in protocols or "local" in protocols

@@ -1,9 +1,10 @@
 """distill buffer <config.yaml> [key=value ...]: train N expert trajectories in parallel on Ray.
 
     load config -> pre-train the image tower if the config has one and it is not cached
-    -> write the shards if missing -> read train (and validation) data through Ray Data
+    -> write the shards if missing -> read train (and validation) data
     -> open the trajectory store (refusing one recorded for another model, data or recipe)
     -> one Ray Tune trial per expert not yet complete, each resuming from its last saved epoch
+       (resources.use_ray false: one after another in this process)
     -> results.json + a table of the experts' final metrics in <run_dir>/buffer/
 
 Running the same command again resumes; two jobs on one store share the work through leases.
@@ -12,138 +13,20 @@ Running the same command again resumes; two jobs on one store share the work thr
 from __future__ import annotations
 
 import sys
-import time
 from typing import Any
 
-from engine import cli, storage
-from engine.config import to_yaml
-from engine.data.manifest import ShardManifest
-from engine.data.preprocess import FILE_NAME as PREPROCESS_FILE
-from engine.data.preprocess import Preprocess
-from engine.experiment import (
-    ExperimentConfig,
-    caption_features_of,
-    data_fingerprint,
-    load_split,
-    model_spec,
-    prepare_data,
-    run_job,
-)
-from engine.models.registry import ModelSpec
-from engine.runtime.cluster import init_ray
-from engine.runtime.experts import train_experts_locally, train_experts_on_ray
-from engine.trajectories.experts import EvalData, ExpertPlan, open_store
-from engine.trajectories.pretrain import ensure_tower
-from engine.trajectories.train import ExpertData
-
-POLL_SECONDS = 5.0
-
-
-def build_plan(config: ExperimentConfig, manifest: ShardManifest, spec: ModelSpec) -> tuple[ExpertPlan, Preprocess]:
-    """Everything an expert needs, with the input transform fitted on the training split."""
-    train = load_split(config, config.data.split)
-    val = load_split(config, config.experts.val_split) if config.experts.val_split else None
-    preprocess = Preprocess.fit(train.images, config.preprocess)
-    train.images = preprocess.apply(train.images)
-    if val is not None:
-        val.images = preprocess.apply(val.images)
-    if config.contrastive:
-        data, eval_data = pair_data(config, manifest, spec, train, val)
-    else:
-        data = ExpertData(train.images, train.labels)
-        eval_data = EvalData(val.images, val.labels) if val else None
-    plan = ExpertPlan(
-        store_url=config.store_url, spec=spec, record=config.experts.record, train=config.experts.train,
-        fingerprint=data_fingerprint(config, manifest), data=data, eval_data=eval_data, seed=config.experts.seed,
-        lease_timeout_s=config.experts.lease_timeout_s, storage_config=config.storage,
-    )
-    return plan, preprocess
-
-
-def pair_data(config: ExperimentConfig, manifest: ShardManifest, spec: ModelSpec, train, val):
-    """Image-text experts train on every (image, caption) pair, with cached caption features."""
-    train_features = caption_features_of(config, manifest, spec, train, config.data.split)
-    data = ExpertData(train.images[train_features.image_index], train_features.features)
-    if val is None:
-        return data, None
-    val_features = caption_features_of(config, manifest, spec, val, config.experts.val_split)
-    return data, EvalData(val.images, val_features.features, val_features.image_index)
-
-
-def _print_progress(expert: int, epoch: int, state) -> None:
-    shown = ", ".join(f"{k} {v:.3f}" for k, v in state.metrics.items())
-    print(f"expert {expert} epoch {epoch}: {shown}", flush=True)
+from engine import cli
+from engine.experiment import ExperimentConfig
+from engine.runtime import make_runtime
+from engine.stages import buffer
 
 
 def run_buffer(config: ExperimentConfig) -> dict[str, Any]:
-    """Train every expert that is not complete; returns the results written to <run_dir>/buffer/."""
-    if config.resources.use_ray:
-        init_ray(config.resources)
-    ensure_tower(config)  # image-text configs: the pre-trained image tower, trained once and cached
-    manifest = prepare_data(config)
-    spec = model_spec(config, manifest)
-    plan, preprocess = build_plan(config, manifest, spec)
-    store = open_store(plan)
-    if not storage.exists(storage.join(store.url, PREPROCESS_FILE), config.storage):
-        preprocess.save(store.url, config.storage)  # what distillation and evaluation feed models
-    num = config.experts.num_experts
-    started = time.time()
-    already = [i for i in store.experts() if i < num]
-    while remaining := [i for i in range(num) if i not in store.experts()]:
-        claimable = store.pending(num)
-        if not claimable:  # every remaining expert is being trained by another job
-            print(f"waiting for experts {remaining} held by other jobs", flush=True)
-            time.sleep(POLL_SECONDS)
-            continue
-        if config.resources.use_ray:
-            train_experts_on_ray(plan, claimable, config.resources)
-        else:
-            train_experts_locally(plan, claimable, _print_progress)
-    results = _results(config, store, num, already, time.time() - started)
-    _write_outputs(config, results)
-    return results
-
-
-def _results(config: ExperimentConfig, store, num: int, already: list[int], seconds: float) -> dict[str, Any]:
-    experts = []
-    for i in range(num):
-        status = store.status(i)
-        experts.append({"expert": i, "epochs": status.epochs, "seed": status.seed, "sha256": status.sha256,
-                        "resumed_complete": i in already, "started_at_epoch": status.summary.get("started_at_epoch"),
-                        "final": status.metrics[-1]})
-    return {"store": store.url, "num_experts": num, "epochs": store.num_epochs, "seconds": round(seconds, 2),
-            "experts": experts}
-
-
-def results_table(results: dict[str, Any]) -> str:
-    metric_names = sorted({k for e in results["experts"] for k in e["final"]})
-    header = "| expert | " + " | ".join(metric_names) + " | note |"
-    lines = [header, "|" + "---|" * (len(metric_names) + 2)]
-    for e in results["experts"]:
-        values = " | ".join(f"{e['final'].get(k, float('nan')):.3f}" for k in metric_names)
-        lines.append(f"| {e['expert']} | {values} | {_note(e)} |")
-    return "\n".join(lines)
-
-
-def _note(expert: dict[str, Any]) -> str:
-    if expert["resumed_complete"]:
-        return "already complete"
-    started = expert["started_at_epoch"]
-    return f"resumed after epoch {started}" if started else ""
-
-
-def _write_outputs(config: ExperimentConfig, results: dict[str, Any]) -> None:
-    out = storage.join(config.run_dir, "buffer")
-    storage.write_json(storage.join(out, "results.json"), results, config.storage)
-    table = results_table(results)
-    storage.write_text(storage.join(out, "results.md"), table + "\n", config.storage)
-    storage.write_text(storage.join(out, "config.yaml"), to_yaml(config), config.storage)
-    print(f"\n{results['num_experts']} experts x {results['epochs']} epochs in {results['store']} "
-          f"({results['seconds']:.1f} s)\n{table}")
+    return buffer.run(config, make_runtime(config.resources, side_by_side=config.experts.num_experts > 1))
 
 
 def main(argv: list[str]) -> int:
-    return run_job(argv, __doc__, run_buffer)
+    return cli.config_job(argv, __doc__, run_buffer)
 
 
 if __name__ == "__main__":

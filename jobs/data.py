@@ -23,16 +23,12 @@ from engine import config as config_lib
 from engine import storage
 from engine.data.grid import save_grid
 from engine.data.manifest import ShardManifest
-from engine.data.reader import (
-    DataConfig,
-    InMemoryData,
-    SampleCounts,
-    count_samples,
-    load_in_memory,
-    resolve_shards,
-    verify_shards,
-)
+from engine.data.memory import InMemoryData, load_in_memory
+from engine.data.shards import DataConfig, resolve_shards, verify_shards
 from engine.errors import DataError
+from engine.resources import ResourcesConfig
+from engine.runtime.cluster import init_ray
+from engine.runtime.data import SampleCounts, count_samples
 from engine.storage import StorageConfig
 
 GRID_IMAGES = 64
@@ -97,14 +93,14 @@ def _data_config(args: argparse.Namespace) -> DataConfig:
 
 @contextmanager
 def _ray_session(num_cpus: int | None) -> Iterator[None]:
-    """Use the running Ray session, or start a local one for this command and stop it afterwards."""
+    """Use the running Ray session (or the cluster in RAY_ADDRESS), or start a local one for this command
+    and stop it afterwards."""
     import ray
 
     if ray.is_initialized():
         yield
         return
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    init_ray(ResourcesConfig(num_cpus=num_cpus), quiet=True)
     try:
         yield
     finally:

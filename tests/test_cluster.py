@@ -113,7 +113,7 @@ def test_buffer_then_distill_submitted_to_a_ray_head(ray_head, tmp_path):
     store = TrajectoryStore.open(str(run_dir / "trajectories"))
     assert store.experts() == [0, 1]
     assert len((run_dir / "buffer" / "results.json").read_text()) > 0
-    synthetic = SyntheticSet.load(str(run_dir / "distill" / "ipc-1"))
+    synthetic = SyntheticSet.load(str(run_dir / "distill" / "mtt" / "ipc-1"))
     assert synthetic.images.shape == (10, 1, 8, 8) and synthetic.metadata["iterations"] == 3
 
 

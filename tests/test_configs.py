@@ -97,9 +97,9 @@ def test_config_runs_end_to_end_on_generated_data(path, tmp_path):
     raw = shrink(yaml.safe_load(path.read_text()), tmp_path)
     config = validate(ExperimentConfig, raw, str(path))
     rows = pipeline.run_pipeline(config)
-    distilled = {r["size"] for r in rows if r["method"] == "distilled"}
-    assert distilled == set(config.pipeline.ipcs)
-    assert any(r["method"] == "distilled (best val)" for r in rows)
-    coresets = {r["method"] for r in rows} - {"distilled", "distilled (best val)", "full"}
+    name = f"distilled:{config.distill.method}"
+    assert {r["size"] for r in rows if r["method"] == name} == set(config.pipeline.ipcs)
+    assert any(r["method"] == f"{name} (best val)" for r in rows)
+    coresets = {r["method"] for r in rows} - {name, f"{name} (best val)", "full"}
     assert coresets == set(config.evaluate.methods) - {"distilled"}
     assert json.loads((tmp_path / "run" / "results.json").read_text())["header"]["split"] == config.evaluate.split

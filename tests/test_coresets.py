@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.errors import DataError
-from engine.select import coresets
+from engine.select import CORESETS, CoresetInputs, coresets
 
 
 def test_random_takes_k_per_class_and_is_seeded():
@@ -45,13 +45,15 @@ def test_a_class_smaller_than_k_is_a_clear_error():
         coresets.herding(torch.randn(3, 2), 2, torch.tensor([0, 0, 1]))
 
 
-def test_choose_dispatches_and_computes_features_only_when_needed():
+def test_the_registry_computes_features_only_for_the_methods_that_need_them():
     labels = torch.tensor([0, 0, 1, 1])
 
     def no_features():
         raise AssertionError("random selection must not compute features")
 
-    picks = coresets.choose("random", 1, 4, labels, torch.Generator().manual_seed(0), no_features, no_features)
+    inputs = CoresetInputs(4, labels, no_features, no_features)
+    picks = CORESETS["random"](1, inputs, torch.Generator().manual_seed(0))
     assert labels[picks].tolist() == [0, 1]
-    with pytest.raises(ValueError, match="unknown coreset method 'best'"):
-        coresets.choose("best", 1, 4, labels, torch.Generator(), no_features, no_features)
+    features = CoresetInputs(4, labels, lambda: torch.tensor([[0.0], [1.0], [5.0], [6.0]]), no_features)
+    assert CORESETS["herding"](1, features, torch.Generator()).tolist() in ([0, 2], [0, 3], [1, 2], [1, 3])
+    assert set(CORESETS) == {"random", "herding", "kcenter", "forgetting"}

@@ -64,16 +64,16 @@ def load(path: str, *overrides: str) -> ExperimentConfig:
 def test_distill_writes_the_set_and_resumes_to_the_same_result(experiment, tmp_path, capsys):
     root, shards, store = experiment
     whole = load(config_file(tmp_path, tmp_path / "whole", shards, store))
-    expected = distill.run_distill(whole, progress=False)
+    expected = distill.run_distill(whole)
     matched = expected.metadata["matched_parameters"]  # a classifier recording all: full matching itself
     assert matched == expected.metadata["full_matching_parameters"] > 0
     assert f"matching {matched:,} parameters (all; full matching: {matched:,}, 1.00x)" in capsys.readouterr().out
 
     split = config_file(tmp_path, tmp_path / "split", shards, store)
-    distill.run_distill(load(split, "distill.iterations=2"), progress=False)  # "interrupted" after 2
-    out = tmp_path / "split" / "distill" / "ipc-1"
+    distill.run_distill(load(split, "distill.iterations=2"))  # "interrupted" after 2
+    out = tmp_path / "split" / "distill" / "mtt" / "ipc-1"
     assert json.loads((out / "manifest.json").read_text())["iterations"] == 2
-    resumed = distill.run_distill(load(split), progress=False)
+    resumed = distill.run_distill(load(split))
     torch.testing.assert_close(resumed.images, expected.images, rtol=0, atol=0)
     torch.testing.assert_close(resumed.alphas, expected.alphas, rtol=0, atol=0)
 
@@ -89,20 +89,20 @@ def test_distill_writes_the_set_and_resumes_to_the_same_result(experiment, tmp_p
 def test_a_checkpoint_with_other_settings_is_refused(experiment, tmp_path):
     root, shards, store = experiment
     path = config_file(tmp_path, tmp_path / "run", shards, store)
-    distill.run_distill(load(path, "distill.iterations=2"), progress=False)
+    distill.run_distill(load(path, "distill.iterations=2"))
     with pytest.raises(Exception, match=r"checkpoint.safetensors was written with other distill settings \(syn_steps\)"):
-        distill.run_distill(load(path, "distill.syn_steps=3"), progress=False)
+        distill.run_distill(load(path, "distill.syn_steps=3"))
 
 
 def test_an_exploding_loss_stops_with_its_iteration_and_keeps_the_last_checkpoint(experiment, tmp_path):
     root, shards, store = experiment
     path = config_file(tmp_path, tmp_path / "run", shards, store)
     config = load(path, "distill.lr_lr=1e4", "distill.checkpoint_every=1", "distill.iterations=20")
-    with pytest.raises(DistillDiverged, match=r"^iteration (\d+): matching loss .* the last good checkpoint "
+    with pytest.raises(DistillDiverged, match=r"^iteration (\d+): loss .* the last good checkpoint "
                                               r"\(iteration \d+\) is kept") as failure:
-        distill.run_distill(config, progress=False)
+        distill.run_distill(config)
     failed_at = int(failure.value.args[0].split(":")[0].split()[1])
-    checkpoint = (tmp_path / "run" / "distill" / "ipc-1" / CHECKPOINT_NAME).read_bytes()
+    checkpoint = (tmp_path / "run" / "distill" / "mtt" / "ipc-1" / CHECKPOINT_NAME).read_bytes()
     metadata = json.loads(safetensors_metadata(checkpoint)["checkpoint"])
     assert metadata["iteration"] == failed_at  # the state before the failing iteration, never after
     assert torch.isfinite(load_safetensors(checkpoint)["synthetic/images"]).all()
@@ -112,10 +112,10 @@ def test_evaluate_writes_rows_for_every_method_and_a_table(experiment, tmp_path)
     root, shards, store = experiment
     path = config_file(tmp_path, tmp_path / "run", shards, store, evaluate={"full": True, "full_epochs": 2})
     config = load(path, "distill.iterations=2")
-    distill.run_distill(config, progress=False)
+    distill.run_distill(config)
     rows = evaluate.run_evaluate(config, [1])
     assert [(r["method"], r["size"]) for r in rows] == [
-        ("distilled", 1), ("random", 1), ("herding", 1), ("kcenter", 1), ("forgetting", 1), ("full", 126)]
+        ("distilled:mtt", 1), ("random", 1), ("herding", 1), ("kcenter", 1), ("forgetting", 1), ("full", 126)]
     seeds = evaluation_seeds(0, 2)
     for r in rows:
         assert r["metric"] == "accuracy" and len(r["runs"]) == 2 and 0 <= r["mean"] <= 100
@@ -128,25 +128,25 @@ def test_evaluate_writes_rows_for_every_method_and_a_table(experiment, tmp_path)
     assert {"python", "torch", "ray", "numpy"} <= set(header["versions"])
     assert header["commit"] is None or len(header["commit"]) >= 40
     table = (tmp_path / "run" / "results.md").read_text()
-    assert "| distilled |" in table and "| herding |" in table
+    assert "| distilled:mtt |" in table and "| herding |" in table
 
 
 def test_results_scored_on_another_split_are_kept_and_the_best_snapshot_is_reported(experiment, tmp_path, capsys):
     root, shards, store = experiment
     path = config_file(tmp_path, tmp_path / "run", shards, store, evaluate={"methods": ["distilled", "random"]})
     config = load(path, "distill.snapshot_every=2")
-    distill.run_distill(config, progress=False)
-    assert sorted(p.name for p in (tmp_path / "run" / "distill" / "ipc-1" / "snapshots").iterdir()) == [
+    distill.run_distill(config)
+    assert sorted(p.name for p in (tmp_path / "run" / "distill" / "mtt" / "ipc-1" / "snapshots").iterdir()) == [
         "iteration-000002.safetensors", "iteration-000004.safetensors"]
     rows = evaluate.run_evaluate(config, [1])
-    best = next(r for r in rows if r["method"] == "distilled (best val)")
+    best = next(r for r in rows if r["method"] == "distilled:mtt (best val)")
     assert best["iteration"] in (2, 4) and best["selected_on"]["split"] == "val"
-    final = next(r for r in rows if r["method"] == "distilled")
+    final = next(r for r in rows if r["method"] == "distilled:mtt")
     if best["iteration"] == 4:  # the final set itself: the same networks give the same numbers
         assert best["runs"] == final["runs"]
 
     on_val = evaluate.run_evaluate(load(path, "distill.snapshot_every=2", "evaluate.split=val"), [1])
-    assert all(r["method"] != "distilled (best val)" for r in on_val)  # never chosen on the reported split
+    assert all(r["method"] != "distilled:mtt (best val)" for r in on_val)  # never chosen on the reported split
     kept = storage.read_json(str(tmp_path / "run" / "results-test.json"))
     assert kept["header"]["split"] == "test" and kept["rows"] == rows
     assert storage.read_json(str(tmp_path / "run" / "results.json"))["header"]["split"] == "val"
@@ -157,7 +157,7 @@ def test_datm_soft_labels_and_the_loss_threshold(experiment, tmp_path):
     root, shards, store = experiment
     path = config_file(tmp_path, tmp_path / "run", shards, store)
     config = load(path, "distill.labels=soft", "distill.iterations=2", "distill.skip_loss_above=1e-9")
-    result = distill.run_distill(config, progress=False)
+    result = distill.run_distill(config)
     initial = load_initial_images(config)
     torch.testing.assert_close(result.images, initial, rtol=0, atol=0)  # every iteration was above the threshold
     assert result.metadata["skipped_iterations"] == 2
@@ -170,9 +170,9 @@ def test_two_ray_train_workers_equal_one_process_with_the_same_segments(ray_sess
     local = load(config_file(tmp_path, tmp_path / "local", shards, store), "distill.segments_per_iteration=2",
                  "distill.iterations=2")
     on_ray = load(config_file(tmp_path, tmp_path / "ray", shards, store), "resources.distill_workers=2",
-                  "distill.iterations=2")
-    expected = distill.run_distill(local, progress=False)
-    result = distill.run_distill(on_ray, progress=False)
+                  "resources.use_ray=null", "distill.iterations=2")
+    expected = distill.run_distill(local)
+    result = distill.run_distill(on_ray)
     torch.testing.assert_close(result.images, expected.images, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(result.alphas, expected.alphas, rtol=1e-5, atol=1e-9)
     assert not torch.equal(expected.images, load_initial_images(local))
@@ -180,18 +180,26 @@ def test_two_ray_train_workers_equal_one_process_with_the_same_segments(ray_sess
 
 def load_initial_images(config: ExperimentConfig) -> torch.Tensor:
     """The synthetic images before any update (iteration 0 of the same seed)."""
-    from engine.distill.setup import build_distiller, prepare_inputs
+    from engine.runtime import LocalRuntime
+    from engine.stages.distill import prepare
 
-    inputs = prepare_inputs(config, config.distill)
-    return build_distiller(inputs, torch.device("cpu")).synthetic.images.detach()
+    return prepare(config, config.distill, LocalRuntime()).build(torch.device("cpu")).synthetic.images.detach()
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("distill.ipc=0", r"distill\.ipc: Input should be greater than or equal to 1 \(got 0\)"),
+    ("distill.ipc=0", r"distill\.mtt\.ipc: Input should be greater than or equal to 1 \(got 0\)"),
     ("distill.max_start_epoch=4", r"distill: max_start_epoch \(4\) \+ expert_epochs \(2\) needs experts of 5 epochs"),
     ("pipeline.per_ipc={10: {syn_stepz: 3}}", r"pipeline\.per_ipc\.10\.syn_stepz: Extra inputs are not permitted"),
     ("evaluate.methods=[random, best]", r"evaluate\.methods: .*unknown methods \['best'\]"),
-    ("distill.gradient=adjoint", r"distill\.gradient: Input should be 'unrolled' or 'exact'"),
+    ("distill.gradient=adjoint", r"distill\.mtt\.gradient: Input should be 'unrolled' or 'exact'"),
+    ("resources.distill_workers=2", r"distill_workers 2 runs data-parallel workers on Ray Train; it cannot be "
+                                    r"combined with resources.use_ray false"),
+    ("distill.method=dm", r"distill: Input tag 'dm' found using 'method' does not match any of the expected tags"),
+    ("distill.lr_text=5", r"distill\.mtt\.lr_text: unknown key"),
+    ("experts.record=lora+heads", r"experts.record 'lora\+heads': unknown part 'lora'; choose from all, heads, "
+                                  r"head, encoder"),
+    ("model.kwargs.widht=3", r"model: .*convnet: widht: Extra inputs are not permitted"),
+    ("distill.dsa_strategy=color_zoom", r"DSA strategy 'color_zoom': unknown family \['zoom'\]"),
 ])
 def test_bad_experiment_values_fail_naming_the_key(tmp_path, override, message):
     path = config_file(tmp_path, tmp_path / "run", "shards", "store")

@@ -1,5 +1,6 @@
 """Fidelity: evaluation networks never start where an expert started; the student runs in the experts'
-mode (a frozen batch-norm tower keeps its statistics); dropout is replayed by the exact gradient."""
+mode (a frozen batch-norm tower keeps its statistics); DATM's soft labels. (Dropout replayed by the exact
+gradient: tests/test_vl.py.)"""
 
 from __future__ import annotations
 
@@ -8,16 +9,20 @@ import itertools
 import pytest
 import torch
 
-from engine.distill.config import DistillConfig
-from engine.distill.matching import match_trajectory
+from engine.distill.base import MethodSetup
 from engine.distill.mtt import MTT, datm_init
+from engine.distill.mtt import Config as DistillConfig
+from engine.distill.vl import Config as VLConfig
 from engine.distill.vl import VisionLanguage, init_pairs
 from engine.errors import ConfigError
-from engine.evaluate.classification import TrainConfig, evaluate_set
-from engine.models import LoraSpec, ModelSpec, build_model, get_flat, select_parameters
+from engine.evaluate.run import EvaluatedSet, evaluate_sets
+from engine.evaluate.tasks import ClassificationTask
+from engine.evaluate.train import TrainConfig
+from engine.labels import StoredLabels
+from engine.models import ModelSpec, build_model, get_flat, select_parameters
 from engine.models.params import train_mode
+from engine.optim import build_seeded
 from engine.seeds import MAX_BASE_SEED, MAX_INDEX, STREAMS, evaluation_seeds, expert_seed, stream_seed
-from engine.trajectories import build_seeded
 from engine.trajectories.experts import ExpertPlan, build_expert_model
 from engine.trajectories.train import ExpertConfig, ExpertData, objective_loss
 
@@ -39,9 +44,10 @@ def test_evaluation_networks_never_start_where_an_expert_started():
         return model
 
     images, labels = torch.rand(6, 1, 8, 8), torch.arange(3).repeat(2)
-    scores = evaluate_set(build, images, labels, images, labels, TrainConfig(epochs=1, dsa=False), 0.01,
-                          evaluation_seeds(0, 5))
-    assert len(started_from) == 5 and scores.seeds == evaluation_seeds(0, 5)
+    task = ClassificationTask(build, images, labels, StoredLabels())
+    (row,) = evaluate_sets(task, [EvaluatedSet("random", 2, images, labels, 0.01, 1)],
+                           TrainConfig(epochs=1, dsa=False), evaluation_seeds(0, 5), log=lambda _: None)
+    assert len(started_from) == 5 and row["seeds"] == evaluation_seeds(0, 5)
     for evaluation_start, expert_start in itertools.product(started_from, expert_starts):
         assert not torch.equal(evaluation_start, expert_start)
 
@@ -77,9 +83,9 @@ def test_a_frozen_batchnorm_tower_runs_as_in_the_experts_during_distillation():
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(6, 3, 8, 8, generator=gen, dtype=torch.float64)
     features = torch.randn(6, model.text_dim, generator=gen, dtype=torch.float64)
-    config = DistillConfig(ipc=6, syn_steps=1, dsa=False, max_start_epoch=2)
+    config = VLConfig(ipc=6, syn_steps=1, dsa=False, max_start_epoch=2)
     synthetic = init_pairs(images, features, torch.arange(6), 6, config, 0.1, gen)
-    method = VisionLanguage(model, names, config, temperature=0.07)
+    method = VisionLanguage(config, MethodSetup(model, names, torch.device("cpu"), temperature=0.07))
     theta = get_flat(model, names)
     student_loss = method.problem(synthetic, torch.Generator().manual_seed(1)).step_loss(theta, 0)
 
@@ -99,40 +105,11 @@ def test_train_mode_puts_only_fully_frozen_modules_in_eval():
     assert all(m.training for m in model.image_encoder.modules())
 
 
-def test_exact_gradient_replays_lora_dropout():
-    tower = {"arch": "convnet", "kwargs": {"channels": 3, "num_classes": 0, "image_size": 8, "width": 4, "depth": 2}}
-    spec = ModelSpec.create("clip", image_tower=tower, embed_dim=8, head="linear",
-                            lora=LoraSpec(target_modules=["conv"], rank=2, alpha=4, dropout=0.3))
-    model = build_seeded(lambda: build_model(spec), 0).double()
-    names = select_parameters(model, "lora+heads")
-    config = DistillConfig(ipc=6, syn_steps=3, batch_syn=4, dsa=False, max_start_epoch=2)
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randn(10, 3, 8, 8, generator=gen, dtype=torch.float64)
-    features = torch.randn(10, model.text_dim, generator=gen, dtype=torch.float64)
-    synthetic = init_pairs(images, features, torch.arange(10), 6, config, 0.1, gen)
-    synthetic.alphas = torch.tensor([0.5, 0.3], dtype=torch.float64)
-    for tensor in synthetic.learnable().values():
-        tensor.requires_grad_(True)
-    method = VisionLanguage(model, names, config, temperature=0.07)
-    start = get_flat(model, names)
-    start += 0.1 * torch.randn(start.shape, generator=gen, dtype=torch.float64)  # adapters away from B = 0
-    target = start + 0.05 * torch.randn(start.shape, generator=gen, dtype=torch.float64)
-    results = {}
-    for mode in ("unrolled", "exact"):
-        problem = method.problem(synthetic, torch.Generator().manual_seed(5))
-        results[mode] = match_trajectory(problem, start, target, synthetic.alphas, method.groups, config.syn_steps,
-                                         [synthetic.images, synthetic.text], mode, stride=2)
-    for a, b in zip(results["unrolled"].leaf_grads, results["exact"].leaf_grads, strict=True):
-        assert a.abs().max() > 0
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(results["unrolled"].alpha_grad, results["exact"].alpha_grad, rtol=1e-9, atol=1e-12)
-
-
 def test_datm_init_takes_correctly_classified_images_and_averages_the_correct_experts():
     spec = ModelSpec.create("convnet", channels=1, num_classes=3, image_size=8, width=4, depth=1)
     model = build_seeded(lambda: build_model(spec), 0).double()
     names = select_parameters(model, "all")
-    student = MTT(model, names, DistillConfig(max_start_epoch=2)).student
+    student = MTT(DistillConfig(max_start_epoch=2), MethodSetup(model, names, torch.device("cpu"))).student
 
     def expert_predicting(c: int) -> torch.Tensor:  # a zero classifier with a bias: every image -> class c
         theta = get_flat(model, names)

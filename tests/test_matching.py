@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.distill.config import DistillConfig
+from engine.distill.base import MethodSetup
 from engine.distill.matching import group_distance, match_trajectory
-from engine.distill.mtt import MTT, FunctionalModel, init_synthetic, soft_labels_from_expert
+from engine.distill.mtt import MTT, init_synthetic, soft_labels_from_expert
+from engine.distill.mtt import Config as DistillConfig
 from engine.models import ModelSpec, build_model, get_flat, select_parameters
-from engine.trajectories import build_seeded
+from engine.models.functional import FunctionalModel
+from engine.optim import build_seeded
 
 
 def small_convnet(num_classes: int = 4) -> torch.nn.Module:
@@ -26,7 +28,7 @@ def problem_setup(labels: str, batch_syn: int | None, dsa: bool = True):
     real_labels = torch.arange(4).repeat(10)
     gen = torch.Generator().manual_seed(1)
     synthetic = init_synthetic(real, real_labels, 4, config, step_size=0.05, generator=gen)
-    method = MTT(model, names, config)
+    method = MTT(config, MethodSetup(model, names, torch.device("cpu")))
     start = get_flat(model, names)
     target = start + 0.05 * torch.randn(start.shape, dtype=torch.float64)
     if labels == "soft":

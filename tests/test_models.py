@@ -30,6 +30,7 @@ from engine.models import (
     unflatten,
     video_convnet,
 )
+from engine.models.clip import text_settings
 
 SIZES = [8, 16, 28, 32, 64]
 
@@ -327,9 +328,11 @@ def test_dual_encoder_forward_with_text_features(minilm):
     spec = clip_spec()
     assert spec.kwargs["image_tower"]["kwargs"]["mlp_ratio"] == 4.0  # the nested spec is canonical too
     model = build_model(spec)
-    assert model.text_dim == 384
+    assert model.text_dim == 384 and not any(n.startswith("text") and "head" not in n
+                                             for n, _ in model.named_modules())  # no text tower inside
     captions = ["a dog runs on the grass", "a puppy running across a lawn", "stock markets fell sharply today"]
-    features = model.text_encoder.embed_captions(captions, batch_size=2)  # computed once, then cached
+    tower = text_settings(spec.kwargs).load()
+    features = tower.embed_captions(captions, batch_size=2)  # computed once by a stage, then cached
     assert features.shape == (3, 384) and not features.requires_grad
     cos = torch.nn.functional.cosine_similarity
     assert cos(features[0], features[1], dim=0) > cos(features[0], features[2], dim=0)
@@ -343,13 +346,15 @@ def test_dual_encoder_forward_with_text_features(minilm):
     (image_emb @ model.encode_text_features(synthetic).T).diagonal().sum().backward()
     assert synthetic.grad is not None and synthetic.grad.abs().sum() > 0
 
-    assert not any(p.requires_grad for p in model.text_encoder.parameters())
-    model.train()
-    assert not model.text_encoder.training
+    assert not any(p.requires_grad for p in tower.parameters())
+    tower.train()
+    assert not tower.encoder.training  # the text tower never leaves eval mode
     assert list(parameter_groups(model)) == ["image_encoder", "image_head", "text_head"]
     heads = select_parameters(model, "heads")
     assert heads and all(n.startswith(("image_head.", "text_head.")) for n in heads)
-    assert not any(n.startswith("text_encoder.") for n in select_parameters(model, "all"))
+    normalized = text_settings(clip_spec(text_normalize=True, text_max_length=8).kwargs)
+    assert normalized.key() != text_settings(spec.kwargs).key()  # the cache key follows the tower's settings
+    torch.testing.assert_close(normalized.load().embed_captions(captions[:1]).norm(dim=-1), torch.ones(1))
 
     params = {n: p.detach().clone() for n, p in model.named_parameters() if n in set(heads)}
     out = functional_output(model, params, images, features)
@@ -364,7 +369,7 @@ def test_dual_encoder_frozen_convnet_tower_from_checkpoint_with_lora(minilm, tmp
     torch.testing.assert_close(model.image_encoder(torch.ones(1, 3, 32, 32)),
                                trained.features(torch.ones(1, 3, 32, 32)))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable == select_parameters(model, "heads")  # frozen tower, frozen text tower: only heads train
+    assert trainable == select_parameters(model, "heads")  # frozen tower: only the heads train
 
     spec = clip_spec(lora={"target_modules": ["mlp.c_fc", "mlp.c_proj"], "rank": 2, "alpha": 2})
     adapted = build_model(ModelSpec.from_json(spec.to_json()))

@@ -19,18 +19,11 @@ from engine import cli
 from engine.config import validate
 from engine.data import decode
 from engine.data.manifest import ClassInfo, ShardInfo, ShardManifest, SplitInfo
-from engine.data.reader import (
-    DataConfig,
-    count_samples,
-    iter_tar_samples,
-    load_in_memory,
-    materialize,
-    read_shards,
-    resolve_shards,
-    shard_errors,
-)
+from engine.data.memory import load_in_memory
+from engine.data.shards import DataConfig, iter_tar_samples, resolve_shards
 from engine.data.writers import shard_dataset
 from engine.errors import ConfigError, DataError, StorageError
+from engine.runtime.data import count_samples, materialize, read_shards, shard_errors
 
 # --- helpers -------------------------------------------------------------------------------------------
 
@@ -267,7 +260,7 @@ def test_empty_shards_skipped_and_stray_files_ignored(ray_session, tmp_path, cap
     (folder / "README.txt").write_text("not a shard")
     (folder / ".train-000004.tar.tmp-1234").write_bytes(b"half-written garbage")
     (folder / "train-000099.tar").write_bytes(b"an unlisted, broken tar")
-    with caplog.at_level(logging.WARNING, logger="engine.data.reader"):
+    with caplog.at_level(logging.WARNING, logger="engine.data.shards"):
         shard_set = resolve_shards(str(folder))
     assert shard_set.empty == ["train-000001.tar", "train-000002.tar"]
     assert "skipped 2 empty shard(s)" in caplog.text

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from engine.evaluate.retrieval import recall_at_k
+from engine.evaluate.metrics import recall_at_k
 
 
 def test_recall_with_several_captions_per_image():

@@ -57,9 +57,9 @@ def test_four_trials_with_asha_and_a_runnable_best_config(ray_session, tmp_path)
 
     best = load_config(ExperimentConfig, str(tmp_path / "run" / "sweep" / "best.yaml"), ["distill.iterations=2"])
     assert best.distill.init == "real" and best.distill.lr_img == results["best"]["values"]["distill.lr_img"]
-    synthetic = distill.run_distill(best, progress=False)
+    synthetic = distill.run_distill(best)
     assert synthetic.images.shape == (10, 1, 8, 8)
-    assert (Path(best.run_dir) / "distill" / "ipc-1" / "synthetic.safetensors").exists()
+    assert (Path(best.run_dir) / "distill" / "mtt" / "ipc-1" / "synthetic.safetensors").exists()
 
 
 @pytest.mark.parametrize(("space", "message"), [
@@ -68,7 +68,7 @@ def test_four_trials_with_asha_and_a_runnable_best_config(ray_session, tmp_path)
 ])
 def test_a_space_that_does_not_fit_the_config_is_refused(tmp_path, space, message):
     config = load_config(ExperimentConfig, write(tmp_path, sweep={"space": space}))
-    from engine.runtime.sweep import check_space
+    from engine.stages.sweep import check_space
 
     with pytest.raises(ConfigError, match=message):
         check_space(config)

@@ -13,16 +13,17 @@ from torch import nn
 
 from engine import storage
 from engine.errors import DataError
+from engine.losses import infonce_loss
 from engine.models import ModelSpec, build_model, select_parameters
+from engine.optim import build_seeded
 from engine.trajectories import (
     ExpertConfig,
     ExpertData,
     LeaseLost,
     StoreMismatch,
+    StoreWriter,
     TrainState,
     TrajectoryStore,
-    build_seeded,
-    infonce_loss,
     record_expert,
     train_expert,
 )
@@ -78,7 +79,7 @@ def accuracy_on(val: ExpertData):
 
 def open_store(url: str, storage_config=None, owner: str | None = None, spec: ModelSpec | None = None):
     spec = spec or digits_spec()
-    return TrajectoryStore.create_or_open(
+    return StoreWriter.create_or_open(
         url, spec.model_dump(mode="json"), spec_params(spec), "digits-1500", CONFIG.model_dump(), storage_config,
         owner=owner,
     )  # fmt: skip
@@ -284,10 +285,10 @@ def test_a_store_for_another_model_is_refused(tmp_path):
         TrajectoryStore.open(url).check_compatible(digits_spec().model_dump(mode="json"), spec_params(narrow))
     params, spec = spec_params(digits_spec()), digits_spec().model_dump(mode="json")
     with pytest.raises(StoreMismatch, match="recorded on data 'digits-1500', not 'cifar10'"):
-        TrajectoryStore.create_or_open(url, spec, params, "cifar10", CONFIG.model_dump())
+        StoreWriter.create_or_open(url, spec, params, "cifar10", CONFIG.model_dump())
     other_recipe = CONFIG.model_copy(update={"lr": 0.01}).model_dump()
     with pytest.raises(StoreMismatch, match="lr=0.05, not lr=0.01"):
-        TrajectoryStore.create_or_open(url, spec, params, "digits-1500", other_recipe)
+        StoreWriter.create_or_open(url, spec, params, "digits-1500", other_recipe)
 
 
 def test_a_corrupted_shard_fails_verify_naming_the_file(digits, tmp_path):

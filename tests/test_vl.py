@@ -3,16 +3,14 @@ initialised from real pairs, text vectors decode to their nearest captions."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
-from engine.distill.config import DistillConfig
+from engine.distill.base import MethodSetup
 from engine.distill.matching import match_trajectory
 from engine.distill.vl import IMAGE, TEXT, VisionLanguage, init_pairs, learned_lr, nearest_captions
+from engine.distill.vl import Config as DistillConfig
 from engine.errors import DataError
-from engine.evaluate.pairs import PairCoresets, one_caption_per_image
 from engine.models import (
     LoraSpec,
     ModelSpec,
@@ -22,19 +20,25 @@ from engine.models import (
     parameter_groups,
     select_parameters,
 )
-from engine.trajectories import build_seeded
+from engine.optim import build_seeded
+from engine.stages.evaluate import Pool, one_caption_per_image
+
+
+def dual_encoder(dropout: float = 0.0) -> ModelSpec:
+    tower = {"arch": "convnet", "kwargs": {"channels": 3, "num_classes": 0, "image_size": 8, "width": 4, "depth": 2}}
+    return ModelSpec.create("clip", image_tower=tower, embed_dim=8, head="linear",
+                            lora=LoraSpec(target_modules=["conv"], rank=2, alpha=4, dropout=dropout))
 
 
 @pytest.fixture(scope="module")
 def dual_encoder_spec() -> ModelSpec:
-    tower = {"arch": "convnet", "kwargs": {"channels": 3, "num_classes": 0, "image_size": 8, "width": 4, "depth": 2}}
-    return ModelSpec.create("clip", image_tower=tower, embed_dim=8, head="linear",
-                            lora=LoraSpec(target_modules=["conv"], rank=2, alpha=4))
+    return dual_encoder()
 
 
-@pytest.mark.parametrize("record", ["heads", "lora+heads"])
-def test_contrastive_exact_gradient_equals_unrolled(dual_encoder_spec, record):
-    model = build_seeded(lambda: build_model(dual_encoder_spec), 0).double()
+@pytest.mark.parametrize(("record", "dropout"), [("heads", 0.0), ("lora+heads", 0.0), ("lora+heads", 0.3)])
+def test_contrastive_exact_gradient_equals_unrolled(record, dropout):
+    """With LoRA dropout too: the backward pass replays each step's dropout masks."""
+    model = build_seeded(lambda: build_model(dual_encoder(dropout)), 0).double()
     names = select_parameters(model, record)
     config = DistillConfig(ipc=6, syn_steps=3, batch_syn=4, dsa=True, max_start_epoch=2)
     gen = torch.Generator().manual_seed(0)
@@ -45,9 +49,10 @@ def test_contrastive_exact_gradient_equals_unrolled(dual_encoder_spec, record):
     synthetic.alphas = torch.tensor([0.1, 0.3], dtype=torch.float64)  # a step size per side
     for tensor in synthetic.learnable().values():
         tensor.requires_grad_(True)
-    method = VisionLanguage(model, names, config, temperature=0.07)
+    method = VisionLanguage(config, MethodSetup(model, names, torch.device("cpu"), temperature=0.07))
     assert set(method.groups.tolist()) == {IMAGE, TEXT}
-    start = get_flat(model, names)
+    start = get_flat(model, names) + 0.1 * torch.randn(len(get_flat(model, names)), generator=gen,
+                                                       dtype=torch.float64)  # adapters away from B = 0
     target = start + 0.05 * torch.randn(start.shape, generator=gen, dtype=torch.float64)
     results = {}
     for mode in ("unrolled", "exact"):
@@ -119,10 +124,12 @@ def test_pair_coresets_take_one_caption_each_of_distinct_images():
     picked = one_caption_per_image(caption_image, 12, torch.Generator().manual_seed(0))
     assert sorted(caption_image[picked].tolist()) == list(range(12))  # every image once, one caption each
 
-    data = SimpleNamespace(train_caption_image=caption_image, train_images=torch.zeros(12, 3, 4, 4))
-    chooser = PairCoresets(SimpleNamespace(evaluate=SimpleNamespace(seed=0)), data, torch.device("cpu"))
+    images = torch.arange(12.0).view(12, 1, 1, 1)  # image i is the value i: the chosen pairs show their images
+    pool = Pool(images[caption_image], torch.zeros(60, 3), None,
+                lambda generator: one_caption_per_image(caption_image, 12, generator),
+                lambda: torch.zeros(60, 2), lambda: torch.zeros(60), 60)
     for size in (5, 12):
-        index = chooser.choose("random", size)
-        assert len(set(caption_image[index].tolist())) == size == len(index)
+        chosen, text = pool.coreset("random", size, seed=0)
+        assert len(set(chosen.flatten().tolist())) == size == len(chosen) == len(text)
     with pytest.raises(DataError, match="a coreset of 13 pairs needs 13 training images; the split has 12"):
-        chooser.choose("random", 13)
+        pool.coreset("random", 13, seed=0)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from engine import storage
 from engine.config import load_config
-from engine.evaluate.pairs import METRICS
+from engine.evaluate.tasks import RETRIEVAL_METRICS as METRICS
 from engine.experiment import ExperimentConfig
 from jobs import pipeline
 
@@ -69,7 +69,7 @@ def test_image_text_pipeline_with_a_pretrained_tower(tmp_path, capsys):
 
     assert "pre-training the image tower convnet" in capsys.readouterr().out
     measured = {(r["method"], r["size"]) for r in rows}
-    assert measured == {("distilled", 4), *((m, s) for m in ("random", "herding", "kcenter", "forgetting")
+    assert measured == {("distilled:vl", 4), *((m, s) for m in ("random", "herding", "kcenter", "forgetting")
                                             for s in (4, 8)), ("full", 24)}
     for method, size in measured:
         metrics = {r["metric"]: r for r in rows if (r["method"], r["size"]) == (method, size)}
@@ -80,7 +80,7 @@ def test_image_text_pipeline_with_a_pretrained_tower(tmp_path, capsys):
     table = (tmp_path / "run" / "results.md").read_text()
     assert table.startswith("| method | size | tr_r1 |")
 
-    out = tmp_path / "run" / "distill" / "ipc-4"
+    out = tmp_path / "run" / "distill" / "vl" / "ipc-4"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["method"] == "vl" and len(manifest["step_sizes"]) == 2
     assert len(manifest["nearest_captions"]) == 4

@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import AfterValidator
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
@@ -40,6 +42,24 @@ from engine.storage import StorageConfig
 
 DEFAULT_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 FAMILIES = ("color", "crop", "cutout", "flip", "scale", "rotate")
+
+
+def strategy_problem(strategy: str) -> str | None:
+    """What is wrong with a strategy string (an unknown family), or None."""
+    unknown = [f for f in strategy.split("_") if f not in FAMILIES]
+    if not strategy or unknown:
+        return f"DSA strategy {strategy!r}: unknown family {unknown}; choose from {FAMILIES}"
+    return None
+
+
+def _valid_strategy(strategy: str) -> str:
+    if problem := strategy_problem(strategy):
+        raise ValueError(problem)  # inside a config schema: a validation error naming the key
+    return strategy
+
+
+# A config field holding a DSA strategy, checked when the config is loaded.
+DSAStrategy = Annotated[str, AfterValidator(_valid_strategy)]
 
 
 def make_generator(seed: int) -> torch.Generator:
@@ -79,12 +99,10 @@ class DSA:
         contrast: float = 0.5,
         flip: float = 0.5,
     ) -> None:
-        families = tuple(strategy.split("_"))
-        unknown = [f for f in families if f not in FAMILIES]
-        if not strategy or unknown:
-            raise ConfigError(f"DSA strategy {strategy!r}: unknown family {unknown}; choose from {FAMILIES}")
+        if problem := strategy_problem(strategy):
+            raise ConfigError(problem)
         self.strategy = strategy
-        self.families = families
+        self.families = tuple(strategy.split("_"))
         self.scale, self.rotate, self.crop, self.cutout = scale, rotate, crop, cutout
         self.brightness, self.saturation, self.contrast, self.flip = brightness, saturation, contrast, flip
 

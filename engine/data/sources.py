@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from engine.data.manifest import ClassInfo, Modality
+from engine.data.media import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from engine.errors import DataError, StorageError
 
-IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "gif", "bmp", "tif", "tiff", "webp", "ppm", "pgm", "pbm"})
-VIDEO_EXTENSIONS = frozenset({"mp4", "avi", "webm", "mkv", "mov"})
 MAX_SKIP_EXAMPLES = 10
 
 

@@ -5,101 +5,69 @@
     inner step i:  θ̂_{i+1} = θ̂_i − α ∇_θ CE(f_θ̂_i(A_i(x[b_i])), y[b_i])
     loss and its gradient: ``engine.distill.matching`` (unrolled or exact), outer loop: ``loop``
 
-The student is the expert's architecture run functionally on a flat parameter vector, so any
-parameters the experts did not record keep the values of the model passed in.
+The student is the expert's architecture run functionally on a flat vector of the recorded
+parameters, so any parameters the experts did not record keep the values of the model passed in.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.func import functional_call
+from pydantic import Field
+from torch import Tensor
 
-from engine.data.augment import DSA, DSADraw
-from engine.distill.config import DistillConfig
-from engine.distill.loop import minibatch_schedule
+from engine.distill.base import OuterSGD, TrainData
+from engine.distill.matching import TrajectoryMatching, TrajectoryMatchingConfig
 from engine.distill.synthetic import SyntheticSet
 from engine.errors import DataError
-from engine.models.params import parameter_shapes, train_mode, unflatten
-from engine.trajectories.train import seeded_global_rng
+from engine.losses import classification_loss
+from engine.models.functional import FunctionalModel
+from engine.optim import seeded_global_rng
 
 logger = logging.getLogger(__name__)
 
 
-def soft_cross_entropy(logits: Tensor, label_logits: Tensor) -> Tensor:
-    """Cross-entropy to the distribution softmax(label_logits), averaged over the batch."""
-    return -(F.softmax(label_logits, dim=1) * F.log_softmax(logits, dim=1)).sum(1).mean()
+class Config(TrajectoryMatchingConfig):
+    method: Literal["mtt"] = "mtt"
+    labels: Literal["hard", "soft", "soft_first_expert"] = Field(
+        "hard", description="soft: DATM's learnable soft labels (real images the experts classify correctly, "
+        "labels = the mean final-epoch logits of the experts that do); soft_first_expert: logits of the first "
+        "expert at the start window's end on random real images.")
+    lr_label: float = Field(2.0, gt=0, description="Outer SGD lr of soft labels.")
+    label_momentum: float = Field(0.9, ge=0, lt=1, description="Outer SGD momentum of soft labels (DATM: 0.9).")
 
 
-def classification_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Hard labels (int64) or soft label logits (float)."""
-    return soft_cross_entropy(logits, targets) if targets.is_floating_point() else F.cross_entropy(logits, targets)
+class MTT(TrajectoryMatching):
+    Config = Config
+    objective: ClassVar[str] = "classification"
+    config: Config
 
+    def __init__(self, config: Config, setup):
+        super().__init__(config, setup)
+        self.groups = torch.zeros(self.student.num_parameters, dtype=torch.long, device=setup.device)  # one α
 
-class FunctionalModel:
-    """A module run on a flat vector of (some of) its parameters: ``model(theta, x)``, in the mode the
-    experts trained it in (``train_mode``: frozen parts in eval mode)."""
+    def loss(self, student: FunctionalModel, theta: Tensor, x: Tensor, labels: Tensor) -> Tensor:
+        return classification_loss(student(theta, x), labels)
 
-    def __init__(self, module: nn.Module, names: list[str]):
-        self.module = train_mode(module, names)
-        self.shapes = parameter_shapes(module, names)
-        self.buffers = dict(module.named_buffers())
+    def targets(self, synthetic: SyntheticSet) -> Tensor:
+        return synthetic.labels
 
-    @property
-    def num_parameters(self) -> int:
-        return sum(shape.numel() for shape in self.shapes.values())
+    def optimizer(self) -> dict[str, OuterSGD]:
+        return super().optimizer() | {"labels": OuterSGD(self.config.lr_label, self.config.label_momentum)}
 
-    def __call__(self, theta: Tensor, *inputs: Tensor):
-        return functional_call(self.module, {**self.buffers, **unflatten(theta, self.shapes)}, inputs)
-
-
-def step_rng_seeds(steps: int, generator: torch.Generator) -> list[int]:
-    """One seed per inner step for the random layers of the student (dropout, LoRA dropout): the
-    backward pass of the exact gradient replays each step's forward with the same masks."""
-    return torch.randint(2**62, (steps,), generator=generator).tolist()
-
-
-@dataclass
-class ClassificationProblem:
-    """ℓ_i(θ) = CE(f_θ(A_i(x[b_i])), y[b_i]) with the mini-batches, DSA draws and dropout seeds fixed up front."""
-
-    student: FunctionalModel
-    images: Tensor
-    labels: Tensor
-    batches: list[Tensor]
-    dsa: DSA | None
-    draws: list[DSADraw] | None
-    rng_seeds: list[int]
-
-    def step_loss(self, theta: Tensor, step: int) -> Tensor:
-        index = self.batches[step]
-        x = self.images[index]
-        if self.dsa is not None:
-            x = self.dsa.apply(x, self.draws[step])
-        with seeded_global_rng(self.rng_seeds[step], theta.device):
-            return classification_loss(self.student(theta, x), self.labels[index])
-
-
-class MTT:
-    """The method object the loop asks for each segment's inner problem."""
-
-    def __init__(self, model: nn.Module, names: list[str], config: DistillConfig):
-        self.student = FunctionalModel(model, names)
-        self.config = config
-        self.dsa = DSA(config.dsa_strategy) if config.dsa else None
-        device = next(model.parameters()).device
-        self.groups = torch.zeros(self.student.num_parameters, dtype=torch.long, device=device)  # one α
-
-    def problem(self, synthetic: SyntheticSet, generator: torch.Generator) -> ClassificationProblem:
-        batches = minibatch_schedule(len(synthetic), self.config.batch_syn, self.config.syn_steps, generator)
-        shape = synthetic.images.shape[1:]
-        draws = [self.dsa.sample((len(b), *shape), generator) for b in batches] if self.dsa else None
-        return ClassificationProblem(self.student, synthetic.images, synthetic.labels, batches, self.dsa, draws,
-                                     step_rng_seeds(len(batches), generator))
+    def init(self, data: TrainData, generator: torch.Generator) -> SyntheticSet:
+        config, step_size = self.config, self.setup.step_size
+        if config.labels == "soft":
+            return datm_init(data.images, data.labels, data.num_classes, config, step_size, generator, self.student,
+                             self.segments.finals())
+        synthetic = init_synthetic(data.images, data.labels, data.num_classes, config, step_size, generator)
+        if config.labels == "soft_first_expert":
+            expert = self.segments.flat(self.segments.experts[0],
+                                        min(config.max_start_epoch, self.segments.store.num_epochs))
+            synthetic.labels = soft_labels_from_expert(synthetic, self.student, expert)
+        return synthetic
 
 
 def class_indices(labels: Tensor, ipc: int, generator: torch.Generator, num_classes: int) -> Tensor:
@@ -113,7 +81,7 @@ def class_indices(labels: Tensor, ipc: int, generator: torch.Generator, num_clas
     return torch.cat(chosen)
 
 
-def init_synthetic(images: Tensor, labels: Tensor, num_classes: int, config: DistillConfig, step_size: float,
+def init_synthetic(images: Tensor, labels: Tensor, num_classes: int, config: Config, step_size: float,
                    generator: torch.Generator) -> SyntheticSet:
     """Images from ``ipc`` random real samples per class (or unit noise), hard labels, α = ``step_size``."""
     index = class_indices(labels, config.ipc, generator, num_classes)
@@ -140,7 +108,7 @@ def logits_of(student: FunctionalModel, theta: Tensor, images: Tensor, batch: in
         return torch.cat([student(theta, x) for x in images.split(batch)]).detach()
 
 
-def datm_init(images: Tensor, labels: Tensor, num_classes: int, config: DistillConfig, step_size: float,
+def datm_init(images: Tensor, labels: Tensor, num_classes: int, config: Config, step_size: float,
               generator: torch.Generator, student: FunctionalModel, finals: list[Tensor]) -> SyntheticSet:
     """DATM (Guo et al. 2024), ``labels: soft``: with ``init: real``, ``ipc`` real images per class that the
     first expert at its final epoch classifies correctly (then the next expert, and so on, if a class runs

@@ -29,13 +29,13 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from engine import storage
+from engine.checkpoint import safetensors_metadata
 from engine.data.grid import save_grid
 from engine.data.manifest import ClassInfo, ShardManifest, SplitInfo
 from engine.data.preprocess import Preprocess
 from engine.data.writers import Sample, write_shard
 from engine.errors import DataError
 from engine.storage import StorageConfig
-from engine.trajectories.train import safetensors_metadata
 
 FILE_NAME = "synthetic.safetensors"
 CHECKPOINT_NAME = "checkpoint.safetensors"

@@ -15,18 +15,18 @@ inner-loop scaling by log(1/0.07) is not copied.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
-from torch import Tensor, nn
+from pydantic import Field
+from torch import Tensor
 
-from engine.data.augment import DSA, DSADraw
-from engine.distill.config import DistillConfig
-from engine.distill.loop import minibatch_schedule
-from engine.distill.mtt import FunctionalModel, step_rng_seeds
+from engine.distill.base import MethodSetup, OuterSGD, TrainData
+from engine.distill.matching import TrajectoryMatching, TrajectoryMatchingConfig
 from engine.distill.synthetic import SyntheticSet
 from engine.errors import DataError
-from engine.trajectories.train import infonce_loss, seeded_global_rng
+from engine.losses import infonce_loss
+from engine.models.functional import FunctionalModel
 
 IMAGE, TEXT = 0, 1  # parameter groups: one step size and one distance term each
 TEXT_PREFIX = "text_head."
@@ -42,54 +42,51 @@ def learned_lr(alphas: Tensor) -> Callable[[str], float]:
     return lambda name: values[side_of(name)]
 
 
-@dataclass
-class ContrastiveProblem:
-    """ℓ_i(θ) = InfoNCE_τ(images A_i(x[b_i]), text vectors t[b_i]) with batches, draws and dropout seeds fixed
-    up front."""
-
-    student: FunctionalModel
-    images: Tensor
-    text: Tensor
-    batches: list[Tensor]
-    dsa: DSA | None
-    draws: list[DSADraw] | None
-    rng_seeds: list[int]
-    temperature: float
-
-    def step_loss(self, theta: Tensor, step: int) -> Tensor:
-        index = self.batches[step]
-        x = self.images[index]
-        if self.dsa is not None:
-            x = self.dsa.apply(x, self.draws[step])
-        with seeded_global_rng(self.rng_seeds[step], theta.device):
-            image_emb, text_emb = self.student(theta, x, self.text[index])
-        return infonce_loss(image_emb, text_emb, self.temperature)
+class Config(TrajectoryMatchingConfig):
+    method: Literal["vl"] = "vl"
+    lr_text: float | None = Field(None, gt=0, description="Outer SGD lr of the text vectors (default lr_img).")
 
 
-class VisionLanguage:
-    """The method object the loop asks for each segment's inner problem."""
+class VisionLanguage(TrajectoryMatching):
+    Config = Config
+    objective: ClassVar[str] = "contrastive"
+    config: Config
 
-    def __init__(self, model: nn.Module, names: list[str], config: DistillConfig, temperature: float):
-        self.student = FunctionalModel(model, names)
-        self.config = config
-        self.temperature = temperature
-        self.dsa = DSA(config.dsa_strategy) if config.dsa else None
-        device = next(model.parameters()).device
-        sides = [side_of(name) for name in names]
+    def __init__(self, config: Config, setup: MethodSetup):
+        super().__init__(config, setup)
+        sides = [side_of(name) for name in setup.names]
         if TEXT not in sides or IMAGE not in sides:
-            raise DataError(f"vision-language matching needs recorded image-side and text-head parameters, got {names[:4]}…")
+            raise DataError(f"vision-language matching needs recorded image-side and text-head parameters, "
+                            f"got {setup.names[:4]}…")
         sizes = [shape.numel() for shape in self.student.shapes.values()]
-        self.groups = torch.repeat_interleave(torch.tensor(sides), torch.tensor(sizes)).to(device)
+        self.groups = torch.repeat_interleave(torch.tensor(sides), torch.tensor(sizes)).to(setup.device)
+        self.temperature = setup.temperature
 
-    def problem(self, synthetic: SyntheticSet, generator: torch.Generator) -> ContrastiveProblem:
-        batches = minibatch_schedule(len(synthetic), self.config.batch_syn, self.config.syn_steps, generator)
-        shape = synthetic.images.shape[1:]
-        draws = [self.dsa.sample((len(b), *shape), generator) for b in batches] if self.dsa else None
-        return ContrastiveProblem(self.student, synthetic.images, synthetic.text, batches, self.dsa, draws,
-                                  step_rng_seeds(len(batches), generator), self.temperature)
+    def loss(self, student: FunctionalModel, theta: Tensor, x: Tensor, text: Tensor) -> Tensor:
+        return infonce_loss(*student(theta, x, text), self.temperature)
+
+    def targets(self, synthetic: SyntheticSet) -> Tensor:
+        return synthetic.text
+
+    def optimizer(self) -> dict[str, OuterSGD]:
+        return super().optimizer() | {"text": OuterSGD(self.config.lr_text or self.config.lr_img,
+                                                       self.config.momentum)}
+
+    def init(self, data: TrainData, generator: torch.Generator) -> SyntheticSet:
+        if data.caption_features is None or data.caption_image is None:
+            raise DataError("vision-language distillation needs image-text data (caption features)")
+        return init_pairs(data.images, data.caption_features, data.caption_image, self.config.ipc, self.config,
+                          self.setup.step_size, generator)
+
+    def describe(self, synthetic: SyntheticSet, data: TrainData) -> tuple[dict[str, Any], list[str] | None]:
+        """Each synthetic text vector shown as its nearest real caption."""
+        metadata, _ = super().describe(synthetic, data)
+        nearest = nearest_captions(synthetic.text, data.caption_features, data.captions)
+        metadata["nearest_captions"] = [{"caption": c, "similarity": round(v, 4)} for c, v in nearest]
+        return metadata, [c for c, _ in nearest]
 
 
-def init_pairs(images: Tensor, text_features: Tensor, caption_image: Tensor, count: int, config: DistillConfig,
+def init_pairs(images: Tensor, text_features: Tensor, caption_image: Tensor, count: int, config: Config,
                step_size: float, generator: torch.Generator) -> SyntheticSet:
     """``count`` random real pairs: distinct images, each with one of its captions chosen at random
     (or Gaussian noise with the real features' per-dimension mean and std)."""

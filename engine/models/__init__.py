@@ -7,11 +7,13 @@ from engine.models.clip import (
     DualEncoder,
     OpenClipVision,
     ProjectionHead,
+    TextSettings,
     TextTower,
     clip,
     clip_convnet,
     clip_tiny,
     open_clip_vision,
+    text_settings,
 )
 from engine.models.convnet import ConvNet, convnet, convnet_d3, convnet_d4, convnet_d5
 from engine.models.lora import add_lora, lora_targets
@@ -27,6 +29,7 @@ from engine.models.params import (
     read_state_dict,
     select_parameters,
     set_flat,
+    train_mode,
     unflatten,
 )
 from engine.models.registry import ARCHITECTURES, LoraSpec, ModelSpec, build_model
@@ -42,6 +45,7 @@ __all__ = [
     "OpenClipVision",
     "ProjectionHead",
     "ResNet",
+    "TextSettings",
     "TextTower",
     "VideoConvNet",
     "add_lora",
@@ -69,6 +73,8 @@ __all__ = [
     "resnet18_in",
     "select_parameters",
     "set_flat",
+    "text_settings",
+    "train_mode",
     "unflatten",
     "video_convnet",
 ]

@@ -4,8 +4,10 @@
     text features (B, Ft)                     -> text head  -> (B, E) -> L2-normalise
 
 The text tower is a frozen Hugging Face encoder used once to turn captions into features
-(``TextTower.embed_captions``); the model itself takes text *features*, so synthetic text vectors in the
-same space go straight to the text head. Temperature is not a parameter here: the loss owns it.
+(``TextTower.embed_captions``, cached by the stage that needs them); it is not part of the model, which
+takes text *features*, so synthetic text vectors in the same space go straight to the text head and
+building a model for an expert or an evaluation repeat loads no text encoder. ``text_settings`` gives
+the tower a spec describes. Temperature is not a parameter here: the loss owns it.
 
 Image towers are engine models that return features from ``forward`` and expose ``feature_dim``: an
 open_clip vision tower (``open_clip_vision``) or a ConvNet with ``num_classes=0`` (so a tower the
@@ -14,7 +16,9 @@ engine pre-trained on CIFAR-10 can be loaded from a local file).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +79,33 @@ def _text_model_dir(source: str) -> Path:
     if not (path / "config.json").is_file():
         raise ConfigError(f"text model {source!r}: not {DEFAULT_TEXT_MODEL!r} and not a local model folder")
     return path
+
+
+def text_feature_dim(source: str) -> int:
+    """The size of a text model's sentence features, from its config.json (the weights are not loaded)."""
+    config = json.loads((_text_model_dir(source) / "config.json").read_text())
+    return int(config["hidden_size"])
+
+
+@dataclass(frozen=True)
+class TextSettings:
+    """The frozen text tower a dual-encoder spec describes: its caption features' space."""
+
+    model: str = DEFAULT_TEXT_MODEL
+    normalize: bool = False
+    max_length: int = 64
+
+    def key(self) -> str:
+        return f"{self.model}|normalize={self.normalize}|max_length={self.max_length}"
+
+    def load(self) -> TextTower:
+        return TextTower.from_pretrained(self.model, normalize=self.normalize, max_length=self.max_length)
+
+
+def text_settings(kwargs: dict[str, Any]) -> TextSettings:
+    """The text tower of a ``clip`` (or ``clip_tiny``, ``clip_convnet``) spec's arguments."""
+    return TextSettings(str(kwargs.get("text_model", DEFAULT_TEXT_MODEL)), bool(kwargs.get("text_normalize", False)),
+                        int(kwargs.get("text_max_length", 64)))
 
 
 class TextTower(nn.Module):
@@ -152,30 +183,21 @@ class ProjectionHead(nn.Module):
 
 
 class DualEncoder(nn.Module):
-    """Image tower + image head, text head over precomputed text features; the text tower rides along frozen.
-
-    ``text_encoder`` belongs to no parameter group: it is never trained or matched.
-    """
+    """Image tower + image head, and a text head over precomputed text features of ``text_dim``."""
 
     group_prefixes = (("image_encoder.", "image_encoder"), ("image_head.", "image_head"), ("text_head.", "text_head"))
 
-    def __init__(self, image_encoder: nn.Module, text_encoder: TextTower, embed_dim: int = 256, head: str = "mlp",
+    def __init__(self, image_encoder: nn.Module, text_dim: int, embed_dim: int = 256, head: str = "mlp",
                  freeze_image_encoder: bool = False):
         super().__init__()
         if not isinstance(getattr(image_encoder, "classifier", nn.Identity()), nn.Identity):
             raise ConfigError("an image tower returns features: build it with num_classes=0")
         self.image_encoder = image_encoder
-        self.text_encoder = text_encoder
+        self.text_dim = text_dim  # size of the text features ``forward`` takes (the text tower's output)
         self.image_head = ProjectionHead(image_encoder.feature_dim, embed_dim, head)
-        self.text_head = ProjectionHead(text_encoder.dim, embed_dim, head)
-        self.freeze_image_encoder = freeze_image_encoder
-        if freeze_image_encoder:
+        self.text_head = ProjectionHead(text_dim, embed_dim, head)
+        if freeze_image_encoder:  # the tower's weights start frozen; experts.record decides what is trained
             self.image_encoder.requires_grad_(False)
-
-    @property
-    def text_dim(self) -> int:
-        """Size of the text features ``forward`` takes (the text tower's output)."""
-        return self.text_encoder.dim
 
     def encode_image(self, images: Tensor) -> Tensor:
         return F.normalize(self.image_head(self.image_encoder(images)), dim=-1)  # (B, E)
@@ -192,8 +214,10 @@ def clip(image_tower: dict[str, Any], embed_dim: int = 256, head: str = "mlp",
          text_model: str = DEFAULT_TEXT_MODEL, text_normalize: bool = False, text_max_length: int = 64,
          image_checkpoint: str | None = None, freeze_image_encoder: bool = False) -> DualEncoder:
     """A dual encoder. ``image_tower`` is a model spec ``{"arch": ..., "kwargs": {...}}`` of a tower;
-    ``image_checkpoint`` a local safetensors or torch file loaded into it; ``text_model`` as in
-    ``TextTower.from_pretrained``. LoRA goes on the outer spec (it adapts the image tower)."""
+    ``image_checkpoint`` a local safetensors or torch file loaded into it; ``text_model``,
+    ``text_normalize`` and ``text_max_length`` describe the frozen text tower whose caption features the
+    text head takes (``TextTower.from_pretrained``; only its feature size is read here). LoRA goes on
+    the outer spec (it adapts the image tower)."""
     from engine.models.registry import build_model  # the registry imports this module
 
     if image_tower.get("lora"):
@@ -201,10 +225,8 @@ def clip(image_tower: dict[str, Any], embed_dim: int = 256, head: str = "mlp",
     tower = build_model(image_tower)
     if image_checkpoint is not None:
         load_weights(tower, image_checkpoint)
-    text = TextTower.from_pretrained(text_model, normalize=text_normalize, max_length=text_max_length)
-    return DualEncoder(tower, text, embed_dim=embed_dim, head=head, freeze_image_encoder=freeze_image_encoder)
-
-
+    return DualEncoder(tower, text_feature_dim(text_model), embed_dim=embed_dim, head=head,
+                       freeze_image_encoder=freeze_image_encoder)
 def clip_tiny(image_size: int = 32, embed_dim: int = 256, text_model: str = DEFAULT_TEXT_MODEL,
               image_checkpoint: str | None = None) -> DualEncoder:
     """A tiny ViT (width 192, 4 layers, 3 heads, an 8x8 grid of patches) and MiniLM text features."""

@@ -130,6 +130,33 @@ def canonical_kwargs(arch: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return dict(sorted(values.items()))
 
 
+# Arguments the engine fills from the data (and the pre-trained tower) when a builder takes them.
+FROM_DATA = {"channels": 3, "num_classes": 2, "image_size": 32, "frames": 8}
+
+
+def check_arguments(arch: str, kwargs: Mapping[str, Any]) -> None:
+    """Names and types of a config's ``model.kwargs`` against the builder, before any data is read: the
+    arguments that come from the data may be missing (they are checked when they are filled in)."""
+    takes = inspect.signature(ARCHITECTURES[arch]).parameters
+    canonical_kwargs(arch, {**{k: v for k, v in FROM_DATA.items() if k in takes}, **kwargs})
+
+
+def declared_groups(arch: str) -> list[str] | None:
+    """The parameter groups the architecture's model class declares (``group_prefixes``), if it does."""
+    model_class = typing.get_type_hints(ARCHITECTURES[arch]).get("return")
+    prefixes = getattr(model_class, "group_prefixes", None)
+    return None if prefixes is None else list(dict.fromkeys(group for _, group in prefixes))
+
+
+def check_selection(selection: str, groups: list[str], lora: bool) -> None:
+    """``experts.record``'s grammar: ``all``, ``heads`` or group names, joined by '+'."""
+    known = ["all", "heads", *groups, *(["lora"] if lora else [])]
+    unknown = [part for part in selection.split("+") if part not in known]
+    if unknown:
+        raise ValueError(f"{selection!r}: unknown part {unknown[0]!r}; choose from {', '.join(known)} "
+                         "(joined by '+')")
+
+
 def build_model(spec: ModelSpec | Mapping[str, Any]) -> nn.Module:
     """Build the model a spec describes; LoRA, if any, goes on the image tower of a dual encoder."""
     if not isinstance(spec, ModelSpec):

@@ -1,37 +1,24 @@
-"""Joining a Ray cluster, or starting a local one."""
+"""Joining a Ray cluster, or starting a local one: the one place the engine calls ``ray.init``."""
 
 from __future__ import annotations
 
 import os
 
-from pydantic import Field
-
-from engine.config import Section
+from engine.resources import ResourcesConfig
 
 
-class ResourcesConfig(Section):
-    """What each unit of work asks Ray for, and the local cluster's size when none is running."""
-
-    use_ray: bool = Field(True, description="False: run the work one item after another in this process.")
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs per expert / trial / worker.")
-    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per worker; fractions share a GPU.")
-    distill_workers: int = Field(
-        0, ge=0, description="0: distil in this process; W >= 1: W data-parallel workers on Ray Train."
-    )
-    max_concurrent: int | None = Field(None, ge=1, description="At most this many at once (default: as resources allow).")
-    num_cpus: int | None = Field(
-        None, ge=1, description="CPUs of the local cluster started when RAY_ADDRESS is unset and none runs."
-    )
-
-
-def init_ray(resources: ResourcesConfig) -> None:
+def init_ray(resources: ResourcesConfig | None = None, quiet: bool = False) -> None:
     """Connect to the cluster in RAY_ADDRESS (as under `ray job submit`) or start a local one."""
     import ray
 
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=not quiet)
     else:
         # "local": a new cluster even if an earlier `ray start` left its address in /tmp/ray
-        ray.init(address="local", num_cpus=resources.num_cpus, include_dashboard=False)
+        num_cpus = resources.num_cpus if resources is not None else None
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=not quiet,
+                 logging_level="WARNING" if quiet else "INFO")
+    if quiet:
+        ray.data.DataContext.get_current().enable_progress_bars = False

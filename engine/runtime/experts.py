@@ -13,7 +13,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Sequence
 
-from engine.runtime.cluster import ResourcesConfig
+from engine.resources import ResourcesConfig
 from engine.trajectories.experts import ExpertPlan, train_one
 from engine.trajectories.train import TrainState
 
@@ -58,9 +58,3 @@ def train_experts_on_ray(plan: ExpertPlan, expert_ids: Sequence[int], resources:
     failed = [r for r in results if r.error is not None]
     if failed:
         raise failed[0].error
-
-
-def train_experts_locally(plan: ExpertPlan, expert_ids: Sequence[int], progress) -> None:
-    """The same work one expert after another in this process (no Ray): debugging and baselines."""
-    for expert_id in expert_ids:
-        train_one(plan, expert_id, on_epoch=lambda epoch, state, e=expert_id: progress(e, epoch, state))

@@ -13,14 +13,10 @@ Every function returns indices into the given set, class after class.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
 from engine.errors import DataError
-
-METHODS = ("random", "herding", "kcenter", "forgetting")
 
 
 def _members(groups: Tensor | None, num: int) -> list[Tensor]:
@@ -92,17 +88,3 @@ def forgetting_events(correct_per_epoch: list[Tensor]) -> Tensor:
     """Per sample: how many times it went from correct at one epoch to wrong at the next."""
     history = torch.stack(correct_per_epoch)  # (epochs, N) bool
     return (history[:-1] & ~history[1:]).sum(0)
-
-
-def choose(method: str, k: int, num: int, groups: Tensor | None, generator: torch.Generator,
-           features: Callable[[], Tensor], counts: Callable[[], Tensor]) -> Tensor:
-    """Indices of ``method``'s coreset; ``features`` and ``counts`` are computed only by the methods that need them."""
-    if method == "random":
-        return random_coreset(num, k, groups, generator)
-    if method == "herding":
-        return herding(features(), k, groups)
-    if method == "kcenter":
-        return kcenter(features(), k, groups)
-    if method == "forgetting":
-        return forgetting(counts(), k, groups, generator)
-    raise ValueError(f"unknown coreset method {method!r}; choose from {', '.join(METHODS)}")

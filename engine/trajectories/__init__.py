@@ -1,21 +1,10 @@
-"""Expert trajectories: training experts (``train``) and the sharded store they are saved in (``store``)."""
+"""Expert trajectories: training experts (``train``, ``experts``), the sharded store they are saved in
+(``store`` reads it, ``writer`` writes it, ``lease`` shares the work between writers)."""
 
-from engine.trajectories.store import (
-    ExpertStatus,
-    LeaseLost,
-    StoreMismatch,
-    TrajectoryStore,
-    param_infos,
-    record_expert,
-)
-from engine.trajectories.train import (
-    ExpertConfig,
-    ExpertData,
-    TrainState,
-    build_seeded,
-    infonce_loss,
-    train_expert,
-)
+from engine.trajectories.lease import LeaseLost
+from engine.trajectories.store import ExpertStatus, StoreMismatch, TrajectoryStore, param_infos
+from engine.trajectories.train import ExpertConfig, ExpertData, TrainState, train_expert
+from engine.trajectories.writer import StoreWriter, record_expert
 
 __all__ = [
     "ExpertConfig",
@@ -23,10 +12,9 @@ __all__ = [
     "ExpertStatus",
     "LeaseLost",
     "StoreMismatch",
+    "StoreWriter",
     "TrainState",
     "TrajectoryStore",
-    "build_seeded",
-    "infonce_loss",
     "param_infos",
     "record_expert",
     "train_expert",

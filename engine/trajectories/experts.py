@@ -14,13 +14,15 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
-from engine.evaluate.retrieval import embedding_recalls
+from engine.evaluate.metrics import embedding_recalls
 from engine.models.params import get_flat, select_parameters, set_flat
 from engine.models.registry import ModelSpec, build_model
+from engine.optim import build_seeded
 from engine.seeds import expert_seed
 from engine.storage import StorageConfig
-from engine.trajectories.store import ExpertStatus, TrajectoryStore, record_expert
-from engine.trajectories.train import ExpertConfig, ExpertData, TrainState, build_seeded
+from engine.trajectories.store import ExpertStatus
+from engine.trajectories.train import ExpertConfig, ExpertData, TrainState
+from engine.trajectories.writer import StoreWriter, record_expert
 
 EVAL_BATCH = 512
 
@@ -73,11 +75,11 @@ def build_shared_frozen(spec: ModelSpec, record: str, *, frozen_seed: int, seed:
     return model, names
 
 
-def open_store(plan: ExpertPlan) -> TrajectoryStore:
+def open_store(plan: ExpertPlan) -> StoreWriter:
     """Create or open the plan's store; refuses a store recorded for another model, data or recipe."""
     model, recorded = build_expert_model(plan, seed=0)
     named = dict(model.named_parameters())
-    return TrajectoryStore.create_or_open(
+    return StoreWriter.create_or_open(
         plan.store_url, plan.spec, {n: named[n] for n in recorded}, plan.fingerprint,
         plan.train.model_dump(mode="json"), plan.storage_config, lease_timeout_s=plan.lease_timeout_s,
     )

@@ -15,62 +15,34 @@ sorts tensors by dtype then name, so each epoch's tensors are one contiguous byt
 (``trajectory``) so that the bytes are deterministic. Readers only see experts with a sidecar; the
 sidecar's sha256 is checked by ``verify``, ``load_expert`` and ``iter_experts`` (which read the
 whole shard) and its byte size by ``load_epochs`` (which does not).
+
+This module reads a store and checks it fits a model; ``engine.trajectories.writer`` writes one and
+``engine.trajectories.lease`` decides who trains which expert.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import socket
-import time
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
-from torch import Tensor, nn
+from torch import Tensor
 
 from engine import storage
+from engine.checkpoint import decode_tensor
 from engine.errors import DataError, EngineError, StorageError
 from engine.storage import StorageConfig
-from engine.trajectories.train import (
-    EpochCallback,
-    EvalFn,
-    ExpertConfig,
-    ExpertData,
-    TrainState,
-    safetensors_metadata,
-    train_expert,
-)
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-DEFAULT_LEASE_TIMEOUT_S = 600.0
-_METADATA_KEY = "trajectory"
-_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+METADATA_KEY = "trajectory"
 
 
 class StoreMismatch(EngineError):
     """An existing store was recorded for another model, parameter set, data set or recipe."""
-
-
-class LeaseLost(EngineError):
-    """Another writer holds a fresh lease on the expert this writer is working on."""
 
 
 class _Model(BaseModel):
@@ -107,12 +79,6 @@ class ExpertStatus(_Model):
     metrics: list[dict[str, float]] = Field(description="Metrics of epochs 0..E.")
     summary: dict[str, Any] = Field(default_factory=dict, description="Extra metrics given to finish().")
 
-
-class Lease(_Model):
-    owner: str
-    heartbeat: float = Field(description="Unix time of the owner's last renewal.")
-
-
 def param_infos(params: Mapping[str, Tensor]) -> list[ParamInfo]:
     """Name, shape and dtype of each recorded parameter (tensors or parameters)."""
     return [
@@ -132,29 +98,6 @@ def split_snapshot_key(key: str) -> tuple[int, str]:
 
 def expert_name(expert_id: int) -> str:
     return f"expert-{expert_id:05d}"
-
-
-def default_owner() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def owner_is_dead(owner: str) -> bool:
-    """True when ``owner`` (from default_owner) was a process on this host that no longer runs.
-
-    Lets a job rerun right after a crash or SIGKILL take over its own experts at once instead of
-    waiting for the lease to time out. Owners on other hosts are judged by the timeout alone.
-    """
-    parts = owner.rsplit("-", 2)  # host (may contain '-'), pid, random suffix
-    if len(parts) != 3 or parts[0] != socket.gethostname() or not parts[1].isdigit():
-        return False
-    try:
-        os.kill(int(parts[1]), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
 
 def _json_roundtrip(obj: Any) -> Any:
     """Plain JSON values (tuples become lists); a pydantic model (e.g. a ModelSpec) is dumped first."""
@@ -211,20 +154,6 @@ def params_difference(stored: list[ParamInfo], given: list[ParamInfo]) -> list[s
         out.append("the parameter order differs")
     return sorted(out)
 
-
-def read_safetensors_header(head: bytes) -> tuple[int, dict[str, Any]]:
-    """(offset of the data section, header dict) from the start of a safetensors file."""
-    length = int.from_bytes(head[:8], "little")
-    return 8 + length, json.loads(head[8 : 8 + length])
-
-
-def decode_tensor(raw: bytes, dtype: str, shape: list[int]) -> Tensor:
-    torch_dtype = _DTYPES[dtype]
-    if not raw:
-        return torch.empty(shape, dtype=torch_dtype)
-    return torch.frombuffer(bytearray(raw), dtype=torch_dtype).reshape(shape)
-
-
 def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """Sorted byte ranges with touching or overlapping ones joined."""
     merged: list[tuple[int, int]] = []
@@ -235,73 +164,18 @@ def merge_ranges(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
             merged.append((start, end))
     return merged
 
-
 class TrajectoryStore:
-    """Read (and, when opened by ``create_or_open``, write) expert trajectories under ``url``."""
+    """Read the expert trajectories under ``url`` (``StoreWriter`` adds writing)."""
 
-    def __init__(
-        self,
-        url: str,
-        manifest: StoreManifest,
-        storage_config: StorageConfig | None = None,
-        *,
-        writable: bool = False,
-        owner: str | None = None,
-        lease_timeout_s: float = DEFAULT_LEASE_TIMEOUT_S,
-    ) -> None:
+    def __init__(self, url: str, manifest: StoreManifest, storage_config: StorageConfig | None = None) -> None:
         self.url = url.rstrip("/")
         self.manifest = manifest
         self.storage_config = storage_config
-        self.writable = writable
-        self.owner = owner or default_owner()
-        self.lease_timeout_s = lease_timeout_s
         self._fs = storage.filesystem(self.url, storage_config)[0]
         self._status: dict[int, ExpertStatus] = {}
         self._headers: dict[int, tuple[int, dict[str, Any]]] = {}
 
     # --- opening ---------------------------------------------------------------------------------
-
-    @classmethod
-    def create_or_open(
-        cls,
-        url: str,
-        spec: dict[str, Any] | BaseModel,
-        params: Mapping[str, Tensor],
-        fingerprint: str,
-        hparams: dict[str, Any],
-        storage_config: StorageConfig | None = None,
-        *,
-        owner: str | None = None,
-        lease_timeout_s: float = DEFAULT_LEASE_TIMEOUT_S,
-    ) -> TrajectoryStore:
-        """Open the store at ``url`` for writing, creating its manifest if there is none.
-
-        ``spec`` is the model spec (a JSON dict or a pydantic model such as ``ModelSpec``); ``params``
-        the recorded parameters (name -> tensor); ``hparams`` what determines a trajectory (the
-        ``ExpertConfig``; it must include ``epochs``), not how many experts a job trains.
-        Raises StoreMismatch if the existing store differs in spec, parameters, fingerprint or hparams.
-        """
-        if "epochs" not in hparams:
-            raise EngineError(f"store {storage.redact(url)}: hparams must include 'epochs'")
-        wanted = StoreManifest(
-            spec=_json_roundtrip(spec),
-            params=param_infos(params),
-            fingerprint=fingerprint,
-            hparams=_json_roundtrip(hparams),
-        )
-        manifest_url = storage.join(url, MANIFEST_NAME)
-        if not storage.exists(manifest_url, storage_config):
-            storage.write_json(manifest_url, wanted.model_dump(mode="json"), storage_config)
-        store = cls(
-            url,
-            read_manifest(url, storage_config),
-            storage_config,
-            writable=True,
-            owner=owner,
-            lease_timeout_s=lease_timeout_s,
-        )
-        store.check_manifest(wanted)
-        return store
 
     @classmethod
     def open(cls, url: str, storage_config: StorageConfig | None = None) -> TrajectoryStore:
@@ -366,7 +240,6 @@ class TrajectoryStore:
 
     def _mismatch(self, what: str) -> None:
         raise StoreMismatch(f"store {storage.redact(self.url)} {what}")
-
     # --- paths -----------------------------------------------------------------------------------
 
     @property
@@ -396,7 +269,6 @@ class TrajectoryStore:
     def _refresh(self) -> None:
         """Forget cached listings (s3fs caches them) so other writers' files are seen."""
         self._fs.invalidate_cache()
-
     # --- reading ---------------------------------------------------------------------------------
 
     def experts(self) -> list[int]:
@@ -498,157 +370,6 @@ class TrajectoryStore:
             for start, end in merge_ranges(ranges)
         ]
 
-    # --- writing ---------------------------------------------------------------------------------
-
-    def pending(self, num_experts: int) -> list[int]:
-        """Experts 0..num_experts-1 that are not complete and not held by a fresh lease of another owner."""
-        complete = set(self.experts())
-        return [i for i in range(num_experts) if i not in complete and not self._held_by_other(i)]
-
-    def claim(self, expert_id: int) -> bool:
-        """Take the lease of an expert unless it is complete or another owner's lease is fresh."""
-        self._require_writable()
-        if expert_id in self.experts() or self._held_by_other(expert_id):
-            return False
-        self._write_lease(expert_id)
-        self._refresh()
-        lease = self._read_lease(expert_id)
-        return lease is not None and lease.owner == self.owner
-
-    def resume_state(self, expert_id: int) -> tuple[TrainState | None, list[int]]:
-        """The saved TrainState of a partial expert (None: start over) and the epochs saved so far.
-
-        The state is used only if every epoch file up to its epoch exists.
-        """
-        saved = self.saved_epochs(expert_id)
-        state_url = self.partial_url(expert_id, "state.safetensors")
-        if not storage.exists(state_url, self.storage_config):
-            return None, saved
-        state = TrainState.from_bytes(storage.read_bytes(state_url, self.storage_config))
-        if not set(range(state.epoch + 1)) <= set(saved):
-            return None, saved
-        return state, saved
-
-    def saved_epochs(self, expert_id: int) -> list[int]:
-        self._refresh()
-        folder = self.partial_url(expert_id)
-        if not storage.exists(folder, self.storage_config):
-            return []
-        names = [
-            u.rsplit("/", 1)[-1] for u in storage.list_files(folder, self.storage_config, ".safetensors")
-        ]
-        return sorted(int(n[len("epoch-") : -len(".safetensors")]) for n in names if n.startswith("epoch-"))
-
-    def write_epoch(
-        self,
-        expert_id: int,
-        epoch: int,
-        params: Mapping[str, Tensor],
-        state: TrainState,
-        metrics: Mapping[str, float] | None = None,
-    ) -> None:
-        """Save one epoch's parameters, then the state to resume from it; renews the lease."""
-        self._require_writable()
-        self._check_snapshot(params, epoch)
-        self._renew_lease(expert_id)
-        tensors = {name: params[name].detach().cpu().contiguous() for name in self.param_names}
-        info = {
-            "expert": expert_id,
-            "epoch": epoch,
-            "metrics": dict(metrics if metrics is not None else state.metrics),
-        }
-        data = save_safetensors(tensors, metadata={_METADATA_KEY: json.dumps(info, sort_keys=True)})
-        storage.write_bytes(self.epoch_url(expert_id, epoch), data, self.storage_config)
-        storage.write_bytes(
-            self.partial_url(expert_id, "state.safetensors"), state.to_bytes(), self.storage_config
-        )
-
-    def finish(self, expert_id: int, seed: int, metrics: Mapping[str, Any] | None = None) -> ExpertStatus:
-        """Assemble the shard from epochs 0..E, write it, then its sidecar, then drop the partial folder."""
-        self._require_writable()
-        self._renew_lease(expert_id)
-        missing = sorted(set(range(self.num_epochs + 1)) - set(self.saved_epochs(expert_id)))
-        if missing:
-            raise DataError(
-                f"{storage.redact(self.partial_url(expert_id))}: epochs {missing} were never written"
-            )
-        tensors: dict[str, Tensor] = {}
-        per_epoch: list[dict[str, float]] = []
-        for epoch in range(self.num_epochs + 1):
-            data = storage.read_bytes(self.epoch_url(expert_id, epoch), self.storage_config)
-            per_epoch.append(json.loads(safetensors_metadata(data)[_METADATA_KEY])["metrics"])
-            tensors.update({snapshot_key(n, epoch): t for n, t in load_safetensors(data).items()})
-        info = {
-            "expert": expert_id,
-            "epochs": self.num_epochs,
-            "seed": seed,
-            "metrics": per_epoch,
-            "params": self.param_names,
-            "format_version": FORMAT_VERSION,
-        }
-        shard = save_safetensors(tensors, metadata={_METADATA_KEY: json.dumps(info, sort_keys=True)})
-        storage.write_bytes(self.shard_url(expert_id), shard, self.storage_config)
-        status = ExpertStatus(
-            expert=expert_id,
-            shard=self.shard_url(expert_id).rsplit("/", 1)[-1],
-            epochs=self.num_epochs,
-            seed=seed,
-            sha256=hashlib.sha256(shard).hexdigest(),
-            bytes=len(shard),
-            metrics=per_epoch,
-            summary=dict(metrics or {}),
-        )
-        storage.write_json(self.sidecar_url(expert_id), status.model_dump(mode="json"), self.storage_config)
-        storage.remove(self.partial_url(expert_id), self.storage_config)
-        self._refresh()
-        return status
-
-    def _check_snapshot(self, params: Mapping[str, Tensor], epoch: int) -> None:
-        if not 0 <= epoch <= self.num_epochs:
-            raise EngineError(
-                f"store {storage.redact(self.url)} records epochs 0..{self.num_epochs}, not {epoch}"
-            )
-        differences = params_difference(self.manifest.params, param_infos(params))
-        if differences:
-            raise StoreMismatch(f"store {storage.redact(self.url)}: epoch {epoch}: {'; '.join(differences)}")
-
-    def _require_writable(self) -> None:
-        if not self.writable:
-            raise EngineError(f"store {storage.redact(self.url)} was opened read-only; use create_or_open")
-
-    # --- leases ----------------------------------------------------------------------------------
-
-    def _read_lease(self, expert_id: int) -> Lease | None:
-        url = self.partial_url(expert_id, "lease.json")
-        try:
-            return Lease.model_validate(storage.read_json(url, self.storage_config))
-        except StorageError:  # no lease file (or a half-visible one): nobody holds it
-            return None
-
-    def _held_by_other(self, expert_id: int) -> bool:
-        self._refresh()
-        lease = self._read_lease(expert_id)
-        return (
-            lease is not None
-            and lease.owner != self.owner
-            and time.time() - lease.heartbeat < self.lease_timeout_s
-            and not owner_is_dead(lease.owner)
-        )
-
-    def _write_lease(self, expert_id: int) -> None:
-        lease = Lease(owner=self.owner, heartbeat=time.time())
-        storage.write_json(
-            self.partial_url(expert_id, "lease.json"), lease.model_dump(mode="json"), self.storage_config
-        )
-
-    def _renew_lease(self, expert_id: int) -> None:
-        if self._held_by_other(expert_id):
-            raise LeaseLost(
-                f"{storage.redact(self.partial_url(expert_id, 'lease.json'))}: "
-                f"expert {expert_id} was taken over by another writer"
-            )
-        self._write_lease(expert_id)
-
 
 def _slice(chunks: list[tuple[int, bytes]], start: int, end: int) -> bytes:
     """Bytes [start, end) of the data section from the merged chunks that were read."""
@@ -663,41 +384,3 @@ def read_manifest(url: str, storage_config: StorageConfig | None = None) -> Stor
     if not storage.exists(manifest_url, storage_config):
         raise StorageError(f"{storage.redact(url)}: no trajectory store here ({MANIFEST_NAME} is missing)")
     return StoreManifest.model_validate(storage.read_json(manifest_url, storage_config))
-
-
-def record_expert(
-    store: TrajectoryStore,
-    expert_id: int,
-    model: nn.Module,
-    data: ExpertData,
-    config: ExpertConfig,
-    *,
-    recorded: Sequence[str],
-    seed: int,
-    eval_fn: EvalFn | None = None,
-    on_epoch: EpochCallback | None = None,
-) -> ExpertStatus:
-    """Train (or resume) one expert into the store: the buffer job's loop for one claimed expert.
-
-    ``model`` must be freshly built from the same seed as any earlier attempt (frozen parameters are
-    not saved). Epochs already saved are not retrained; ``on_epoch`` is called after each new one.
-    """
-    if config.epochs != store.num_epochs:
-        raise StoreMismatch(
-            f"store {storage.redact(store.url)} records {store.num_epochs} epochs, "
-            f"the config trains {config.epochs}"
-        )
-    state, _ = store.resume_state(expert_id)
-    if state is not None and state.seed != seed:
-        raise EngineError(f"{store.partial_url(expert_id)}: saved with seed {state.seed}, not {seed}")
-
-    def save_epoch(epoch: int, params: dict[str, Tensor], epoch_state: TrainState) -> None:
-        store.write_epoch(expert_id, epoch, params, epoch_state)
-        if on_epoch is not None:
-            on_epoch(epoch, params, epoch_state)
-
-    final = train_expert(
-        model, data, config, recorded=recorded, seed=seed, on_epoch=save_epoch, resume=state, eval_fn=eval_fn
-    )
-    # Which epoch this (last) attempt started from: 0 = from scratch, k = resumed after epoch k.
-    return store.finish(expert_id, seed, {**final.metrics, "started_at_epoch": state.epoch if state else 0})

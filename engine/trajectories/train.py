@@ -22,7 +22,6 @@ uninterrupted one on the same device.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,10 +34,13 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
+from engine.checkpoint import safetensors_metadata
 from engine.config import Section
-from engine.data.augment import DEFAULT_STRATEGY, DSA
+from engine.data.augment import DEFAULT_STRATEGY, DSA, DSAStrategy
 from engine.errors import DataError, EngineError
+from engine.losses import infonce_loss
 from engine.models.params import train_mode
+from engine.optim import seeded_global_rng, sgd_step
 
 Objective = Literal["classification", "contrastive"]
 EpochCallback = Callable[[int, dict[str, Tensor], "TrainState"], None]
@@ -58,7 +60,7 @@ class ExpertConfig(Section):
     momentum: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     dsa: bool = Field(True, description="Apply DSA to every training batch.")
-    dsa_strategy: str = Field(DEFAULT_STRATEGY, description="DSA families joined by '_'.")
+    dsa_strategy: DSAStrategy = Field(DEFAULT_STRATEGY, description="DSA families joined by '_'.")
     temperature: float = Field(0.07, gt=0, description="InfoNCE temperature (contrastive only).")
 
 
@@ -113,53 +115,11 @@ class TrainState:
         )
 
 
-def safetensors_metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of safetensors bytes: 8-byte little-endian header length, then JSON."""
-    length = int.from_bytes(data[:8], "little")
-    return json.loads(data[8 : 8 + length]).get("__metadata__", {})
-
-
-def infonce_loss(image_emb: Tensor, text_emb: Tensor, temperature: float) -> Tensor:
-    """Symmetric InfoNCE: pair i is the positive for row i and column i of the similarity matrix.
-
-    Both embeddings (B, D) must already be L2-normalised; logits = image_emb @ text_emb.T / τ.
-    """
-    logits = image_emb @ text_emb.T / temperature  # (B, B)
-    positives = torch.arange(len(logits), device=logits.device)
-    image_to_text = F.cross_entropy(logits, positives)
-    text_to_image = F.cross_entropy(logits.T, positives)
-    return (image_to_text + text_to_image) / 2
-
-
 def objective_loss(model: nn.Module, images: Tensor, targets: Tensor, config: ExpertConfig) -> Tensor:
     if config.objective == "classification":
         return F.cross_entropy(model(images), targets)
     image_emb, text_emb = model(images, targets)
     return infonce_loss(image_emb, text_emb, config.temperature)
-
-
-@contextlib.contextmanager
-def seeded_global_rng(seed: int, device: torch.device | None = None) -> Iterator[None]:
-    """Run a block with the global RNG of the CPU (and of ``device`` if CUDA) seeded with ``seed``;
-    the caller's RNG state is restored afterwards. For code that cannot take a generator
-    (``nn.init`` in model builders, dropout layers)."""
-    cuda = (
-        [device.index if device.index is not None else torch.cuda.current_device()]
-        if device is not None and device.type == "cuda"
-        else []
-    )
-    with torch.random.fork_rng(devices=cuda):
-        torch.random.default_generator.manual_seed(seed)
-        for index in cuda:
-            with torch.cuda.device(index):
-                torch.cuda.manual_seed(seed)
-        yield
-
-
-def build_seeded(factory: Callable[[], nn.Module], seed: int) -> nn.Module:
-    """Build a model (on the CPU) whose initialisation depends only on ``seed``."""
-    with seeded_global_rng(seed):
-        return factory()
 
 
 def select_trained(model: nn.Module, recorded: Sequence[str]) -> dict[str, nn.Parameter]:
@@ -177,24 +137,6 @@ def select_trained(model: nn.Module, recorded: Sequence[str]) -> dict[str, nn.Pa
 
 def snapshot(params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
     return {name: p.detach().cpu().clone() for name, p in params.items()}
-
-
-@torch.no_grad()
-def sgd_step(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    momentum_buffers: Sequence[Tensor],
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-) -> None:
-    """torch.optim.SGD (dampening 0, no Nesterov) with buffers starting at zero: buf ← m·buf + g."""
-    for param, grad, buf in zip(params, grads, momentum_buffers, strict=True):
-        if weight_decay:
-            grad = grad.add(param, alpha=weight_decay)
-        if momentum:
-            grad = buf.mul_(momentum).add_(grad)
-        param.add_(grad, alpha=-lr)
 
 
 def minibatches(data: ExpertData, batch_size: int, gen: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:

@@ -1,4 +1,4 @@
-"""Image-text retrieval recall@K.
+"""What evaluation measures: classification accuracy, and image-text retrieval recall@K.
 
 TR (image -> text): an image is a hit at K if ANY of its captions is among its K most similar texts.
 IR (text -> image): a caption is a hit at K if its own image is among its K most similar images.
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 DEFAULT_KS = (1, 5, 10)
 
@@ -38,3 +38,24 @@ def embedding_recalls(image_emb: Tensor, text_emb: Tensor, text_to_image: Tensor
                       ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
     """Recalls from unit-norm embeddings (cosine similarity)."""
     return recall_at_k(image_emb @ text_emb.t(), text_to_image, ks)
+
+
+EVAL_BATCH = 512
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, images: Tensor, labels: Tensor) -> float:
+    """Top-1 accuracy in percent, in eval mode."""
+    model.eval()
+    correct = sum((model(x).argmax(1) == y).sum().item()
+                  for x, y in zip(images.split(EVAL_BATCH), labels.split(EVAL_BATCH), strict=True))
+    return 100.0 * correct / len(labels)
+
+
+@torch.no_grad()
+def retrieval_recalls(model: nn.Module, images: Tensor, text: Tensor, caption_image: Tensor) -> dict[str, float]:
+    """TR and IR recall@1/5/10 and rsum of a dual encoder on (images, caption features), in eval mode."""
+    model.eval()
+    image_emb = torch.cat([model.encode_image(x) for x in images.split(EVAL_BATCH)])
+    text_emb = torch.cat([model.encode_text_features(t) for t in text.split(EVAL_BATCH)])
+    return embedding_recalls(image_emb.cpu(), text_emb.cpu(), caption_image.cpu())

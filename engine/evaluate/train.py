@@ -1,12 +1,13 @@
-"""Train fresh networks on a (distilled or coreset) training set and measure test accuracy.
+"""How a fresh network is trained on an evaluated set (distilled, coreset or full).
 
 The protocol of MTT's evaluation: SGD with momentum 0.9 and weight decay 5e-4, the learning rate
-divided by 10 half-way, DSA on every batch, a new network per repeat (seeded), accuracy in percent.
+divided by 10 half-way, DSA on every batch, a new network per repeat (seeded by
+``engine.seeds.evaluation_seeds``: never an expert's starting point).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,12 +16,10 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from engine.config import Section
-from engine.data.augment import DEFAULT_STRATEGY, DSA
-from engine.distill.mtt import classification_loss
+from engine.data.augment import DEFAULT_STRATEGY, DSA, DSAStrategy
+from engine.losses import classification_loss
 from engine.models.params import train_mode
-from engine.trajectories.train import build_seeded, seeded_global_rng, sgd_step
-
-EVAL_BATCH = 1024
+from engine.optim import seeded_global_rng, sgd_step
 
 
 class TrainConfig(Section):
@@ -32,7 +31,7 @@ class TrainConfig(Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     dsa: bool = True
-    dsa_strategy: str = DEFAULT_STRATEGY
+    dsa_strategy: DSAStrategy = DEFAULT_STRATEGY
 
 
 @dataclass(frozen=True)
@@ -79,24 +78,3 @@ def train_network(model: nn.Module, images: Tensor, targets: Tensor, config: Tra
                 for param, grad, buf, base in zip(params, grads, momentum, base_lrs, strict=True):
                     sgd_step([param], [grad], [buf], base * decay, config.momentum, config.weight_decay)
     return model
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, images: Tensor, labels: Tensor) -> float:
-    model.eval()
-    correct = sum((model(x).argmax(1) == y).sum().item()
-                  for x, y in zip(images.split(EVAL_BATCH), labels.split(EVAL_BATCH), strict=True))
-    return 100.0 * correct / len(labels)
-
-
-def evaluate_set(build: Callable[[], nn.Module], images: Tensor, targets: Tensor, test_images: Tensor,
-                 test_labels: Tensor, config: TrainConfig, lr: float, seeds: Sequence[int]) -> Scores:
-    """Accuracy of one fresh network per seed (``engine.seeds.evaluation_seeds``: never an expert's
-    starting point), each initialised and trained with its seed on (images, targets)."""
-    device = images.device
-    values = []
-    for seed in seeds:
-        model = build_seeded(build, seed).to(device)
-        train_network(model, images, targets, config, lr, seed)
-        values.append(accuracy(model, test_images, test_labels))
-    return Scores(values, list(seeds))

@@ -15,28 +15,30 @@ from safetensors.torch import save_file
 
 from engine import storage
 from engine.data.preprocess import Preprocess
-from engine.data.reader import load_in_memory
 from engine.data.writers import ensure_shards
-from engine.experiment import ExperimentConfig, model_spec_for
+from engine.experiment import ExperimentConfig
 from engine.models.params import select_parameters
 from engine.models.registry import build_model
+from engine.optim import build_seeded
+from engine.stages import Runtime
+from engine.stages.context import model_spec_for
 from engine.trajectories.experts import EvalData, validation_metrics
-from engine.trajectories.train import ExpertData, build_seeded, train_expert
+from engine.trajectories.train import ExpertData, train_expert
 
 
-def ensure_tower(config: ExperimentConfig, log=print) -> str | None:
+def ensure_tower(config: ExperimentConfig, runtime: Runtime, log=print) -> str | None:
     """Train and save the tower unless its checkpoint exists; returns the checkpoint path (or None)."""
     path = config.tower_checkpoint
     if path is None or os.path.exists(path):
         return path
     pre = config.pretrain
     manifest = ensure_shards(pre.data.shards, pre.prepare, config.storage)
-    train = load_in_memory(pre.data, config.storage)
+    train = runtime.load_split(pre.data, config.storage)
     preprocess = Preprocess.fit(train.images, pre.preprocess)
     data = ExpertData(preprocess.apply(train.images), train.labels)
     val = None
     if pre.val_split:
-        held_out = load_in_memory(pre.data.model_copy(update={"split": pre.val_split}), config.storage)
+        held_out = runtime.load_split(pre.data.model_copy(update={"split": pre.val_split}), config.storage)
         val = EvalData(preprocess.apply(held_out.images), held_out.labels)
     spec = model_spec_for(pre.model, pre.data, manifest)
     model = build_seeded(lambda: build_model(spec), pre.seed)

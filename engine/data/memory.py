@@ -1,0 +1,214 @@
+"""Decoding samples into fixed-size arrays, and whole (small) splits in memory without Ray.
+
+``SampleDecoder`` turns raw samples into the columns below; the Ray Data reader
+(``engine.runtime.data``) runs it in ``map_batches`` and ``load_in_memory`` runs it here, shard after
+shard, so both give identical arrays. Output columns / ``InMemoryData`` fields:
+
+    image         float32 (C, H, W) in [0, 1]            image and image-text data
+    video         float32 (T, C, H, W) in [0, 1]         video data
+    label         int64, the class index; -1 when the sample has none
+    key           str, the sample key (``train-00000042``)
+    shard         str, the shard's file name (only when asked for)
+    captions      list[str], the sample's first ``max_captions`` captions     image-text data
+    num_captions  int64, how many captions the sample has (before trimming)   image-text data
+    tokens        int64 (max_captions, context_length); rows past the sample's own captions
+                  cycle through them again (a, b -> a, b, a, b, a)   image-text data with a tokenizer
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from engine import storage
+from engine.data import decode
+from engine.data.shards import DataConfig, RawSample, ShardSet, iter_shards, resolve_shards
+from engine.data.tokenize import Tokenizer, load_tokenizer
+from engine.errors import DataError
+from engine.storage import StorageConfig
+
+if TYPE_CHECKING:
+    import torch
+
+TARGET_BATCH_BYTES = 64 * 1024 * 1024  # decoded bytes per map_batches batch
+MAX_BATCH_SIZE = 512
+IN_MEMORY_CHUNK = 256  # samples decoded (and captions tokenized) together by load_in_memory
+CAPTION_COLUMNS = ("captions", "num_captions", "tokens")
+
+
+def columns_for(modality: str, tokenizer: str | None) -> tuple[str, ...]:
+    """The default output columns for data of ``modality``."""
+    media = "video" if modality == "video" else "image"
+    text = ("captions", "num_captions") + (("tokens",) if tokenizer else ()) if modality == "image-text" else ()
+    return (media, "label", "key", *text)
+
+
+def check_columns(columns: Sequence[str], modality: str, tokenizer: str | None) -> tuple[str, ...]:
+    media = "video" if modality == "video" else "image"
+    allowed = {media, "label", "key", "shard"} | (set(CAPTION_COLUMNS) if modality == "image-text" else set())
+    if not tokenizer:
+        allowed.discard("tokens")
+    unknown = [c for c in columns if c not in allowed]
+    if unknown or not columns:
+        raise ValueError(f"columns {list(columns)}: for {modality} data choose from {sorted(allowed)}")
+    return tuple(columns)
+
+
+class SampleDecoder:
+    """Raw samples -> a batch of fixed-size numpy columns. Used by both readers.
+
+    As a ``map_batches`` function it takes Ray's numpy batches of raw members; it holds no state but
+    the tokenizer, loaded on first use in the process that decodes.
+    """
+
+    def __init__(self, config: DataConfig, columns: Sequence[str]):
+        self.config = config
+        self.columns = tuple(columns)
+        self._tokenizer: Tokenizer | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_tokenizer": None}  # each Ray worker loads its own tokenizer
+
+    @property
+    def member_kinds(self) -> list[str]:
+        """The members the columns need: others are dropped while reading."""
+        needed = {"image": "image", "video": "video", "label": "cls"}
+        kinds = {needed[c] for c in self.columns if c in needed}
+        if any(c in CAPTION_COLUMNS for c in self.columns):
+            kinds.add("json")
+        return sorted(kinds)
+
+    @property
+    def batch_size(self) -> int:
+        side = self.config.image_size
+        frames = self.config.frames if "video" in self.columns else 1
+        sample_bytes = 4 * self.config.channels * side * side * frames
+        return int(np.clip(TARGET_BATCH_BYTES // sample_bytes, 1, MAX_BATCH_SIZE))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.decode(list(_raw_samples(batch)))
+
+    def decode(self, samples: Sequence[RawSample]) -> dict[str, np.ndarray]:
+        rows = [self._row(s) for s in samples]
+        out = {c: _stack(c, [r[c] for r in rows]) for c in self.columns if c != "tokens"}
+        if "tokens" in self.columns:
+            out["tokens"] = self._tokens([r["fitted"] for r in rows])
+        return out
+
+    def _row(self, s: RawSample) -> dict[str, Any]:
+        cfg, cols, where = self.config, self.columns, {"shard": s.shard, "key": s.key}
+        row: dict[str, Any] = {"key": s.key, "shard": s.shard}
+        if "label" in cols:
+            row["label"] = decode.parse_label(s.members.get("cls"), **where)
+        if "image" in cols:
+            data = _required(s, "image")
+            row["image"] = decode.decode_image(data, cfg.image_size, channels=cfg.channels, resize=cfg.resize, **where)
+        if "video" in cols:
+            data = _required(s, "video")
+            row["video"] = decode.decode_video(
+                data, cfg.image_size, cfg.frames, channels=cfg.channels, resize=cfg.resize, **where
+            )
+        if any(c in CAPTION_COLUMNS for c in cols):
+            captions = decode.parse_captions(s.members.get("json"), **where)
+            row["captions"] = captions[: cfg.max_captions]
+            row["num_captions"] = len(captions)
+            if "tokens" in cols:
+                row["fitted"] = decode.fit_captions(captions, cfg.max_captions, **where)
+        return row
+
+    def _tokens(self, fitted: list[list[str]]) -> np.ndarray:
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.config.tokenizer, self.config.context_length)
+        ids = self._tokenizer([text for captions in fitted for text in captions])
+        return ids.reshape(len(fitted), self.config.max_captions, self.config.context_length)
+
+
+def _raw_samples(batch: dict[str, np.ndarray]) -> Iterator[RawSample]:
+    """Ray's batch of raw members (``__key__``, ``__url__``, one column per member kind) -> samples."""
+    kinds = [k for k in batch if not k.startswith("__")]
+    for i, (key, url) in enumerate(zip(batch["__key__"], batch["__url__"], strict=True)):
+        members = {k: _bytes_or_none(batch[k][i]) for k in kinds}
+        yield RawSample(key=str(key), shard=str(url).rsplit("/", 1)[-1], members=members)
+
+
+def _bytes_or_none(value: Any) -> bytes | None:
+    return value if isinstance(value, bytes) else None  # missing members come through as None or NaN
+
+
+def _required(sample: RawSample, kind: str) -> bytes:
+    data = sample.members.get(kind)
+    if data is None:
+        raise DataError(f"{decode.where(sample.shard, sample.key)}: no {kind} member")
+    return data
+
+
+def _stack(column: str, values: list[Any]) -> np.ndarray:
+    if column in ("image", "video"):
+        return np.stack(values).astype(np.float32, copy=False)
+    if column in ("label", "num_captions"):
+        return np.asarray(values, dtype=np.int64)
+    out = np.empty(len(values), dtype=object)  # str, or list[str] for captions (kept as Python lists)
+    for i, value in enumerate(values):
+        out[i] = value
+    return out
+
+
+@dataclass
+class InMemoryData:
+    """A whole (small) split as tensors."""
+
+    images: torch.Tensor  # (N, C, H, W) float32 in [0, 1]; (N, T, C, H, W) for video
+    labels: torch.Tensor  # (N,) int64, -1 = no label
+    keys: list[str]
+    captions: list[list[str]]  # per sample, at most max_captions; [] for data without captions
+    class_names: list[str]
+    modality: str
+    tokens: torch.Tensor | None = None  # (N, max_captions, context_length) int64 with a tokenizer
+    num_captions: torch.Tensor | None = None  # (N,) int64 for image-text data
+    empty_shards: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def load_in_memory(
+    config: DataConfig, storage_config: StorageConfig | None = None, limit: int | None = None
+) -> InMemoryData:
+    """Read the split sequentially (no Ray) into tensors; at most ``limit`` samples, in shard order."""
+    shard_set = resolve_shards(config.shards, config.split, storage_config)
+    columns = columns_for(shard_set.modality, config.tokenizer)
+    decoder = SampleDecoder(config, columns)
+    samples = itertools.islice(iter_shards(shard_set, storage_config), limit)
+    batches = [decoder.decode(chunk) for chunk in _chunks(samples, IN_MEMORY_CHUNK)]
+    if not batches:
+        raise DataError(f"{storage.redact(config.shards)}: split {config.split!r} has no samples")
+    return in_memory_data(batches, columns, shard_set)
+
+
+def _chunks(items: Iterable[RawSample], size: int) -> Iterator[list[RawSample]]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def in_memory_data(batches: list[dict[str, np.ndarray]], columns: Sequence[str], shard_set: ShardSet) -> InMemoryData:
+    import torch  # imported here so that Ray's decode workers never load it
+
+    merged = {c: np.concatenate([b[c] for b in batches]) for c in columns}
+    media = merged["video"] if "video" in merged else merged["image"]
+    text = "captions" in merged
+    return InMemoryData(
+        images=torch.from_numpy(media),
+        labels=torch.from_numpy(merged["label"]),
+        keys=[str(k) for k in merged["key"]],
+        captions=[list(c) for c in merged["captions"]] if text else [[] for _ in merged["key"]],
+        class_names=shard_set.manifest.class_names,
+        modality=shard_set.modality,
+        tokens=torch.from_numpy(merged["tokens"]) if "tokens" in merged else None,
+        num_captions=torch.from_numpy(merged["num_captions"]) if text else None,
+        empty_shards=list(shard_set.empty),
+    )

@@ -1,0 +1,184 @@
+"""Shard folders streamed through Ray Data: the reader for data of any size, local or ``s3://``.
+
+``read_shards`` is a streaming ``ray.data.Dataset`` (``read_webdataset`` + ``map_batches`` of the
+same ``SampleDecoder`` that ``engine.data.memory`` runs without Ray, so both give identical arrays).
+Consume it inside ``shard_errors()`` to get Ray's task errors as one-line ``DataError``s naming the
+shard. ``materialize`` decodes a split on the cluster into ``InMemoryData``; ``count_samples``
+counts a split without decoding any image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from engine import errors, storage
+from engine.data.manifest import ShardManifest
+from engine.data.memory import InMemoryData, SampleDecoder, check_columns, columns_for, in_memory_data
+from engine.data.shards import DataConfig, ShardSet, canonical_member_name, resolve_shards
+from engine.errors import DataError
+from engine.storage import StorageConfig
+
+if TYPE_CHECKING:
+    import ray.data
+
+
+def read_shards(
+    config: DataConfig, storage_config: StorageConfig | None = None, *, columns: Sequence[str] | None = None
+) -> ray.data.Dataset:
+    """A streaming Ray dataset of the split's samples, decoded into the columns in the module docstring.
+
+    ``columns``: which columns to make (default: those of the data's modality, ``columns_for``).
+    Asking only for label/key/shard/num_captions skips image decoding, and image bytes are not
+    even kept in memory. Consume the dataset inside ``shard_errors()``.
+    """
+    shard_set = resolve_shards(config.shards, config.split, storage_config)
+    return read_shard_set(shard_set, config, storage_config, columns=columns)
+
+
+def read_shard_set(
+    shard_set: ShardSet,
+    config: DataConfig,
+    storage_config: StorageConfig | None = None,
+    *,
+    columns: Sequence[str] | None = None,
+) -> ray.data.Dataset:
+    """``read_shards`` for shards already resolved (or a subset of them: ``replace(shard_set, urls=...)``)."""
+    import ray.data
+
+    modality = shard_set.modality
+    columns = check_columns(columns or columns_for(modality, config.tokenizer), modality, config.tokenizer)
+    decoder = SampleDecoder(config, columns)
+    fs, _ = storage.filesystem(shard_set.shards_url, storage_config)
+    remote = storage.is_remote(shard_set.shards_url)
+    raw = ray.data.read_webdataset(
+        [storage.filesystem(url, storage_config)[1] for url in shard_set.urls],
+        filesystem=fs if remote else None,
+        decoder=None,  # keep bytes: decoding happens in map_batches. (False would still decode images.)
+        file_extensions=["tar"],
+        filerename=canonical_member_name,
+        suffixes=decoder.member_kinds,
+        override_num_blocks=len(shard_set.urls),
+    )
+    return raw.map_batches(decoder, batch_format="numpy", batch_size=decoder.batch_size, zero_copy_batch=True)
+
+
+@contextlib.contextmanager
+def shard_errors() -> Iterator[None]:
+    """Turn the errors Ray raises while a ``read_shards`` dataset is consumed into one-line EngineErrors.
+
+    A task's DataError (corrupt image...) comes back wrapped in Ray's exceptions, and
+    ``read_webdataset``'s own checks (members not adjacent, duplicate members) as ValueErrors; both
+    become a DataError naming the shard. Anything else is re-raised as it is.
+    """
+    import ray.exceptions
+
+    try:
+        yield
+    except ray.exceptions.RayError as err:
+        translated = engine_error_from(f"{err}\n{getattr(err, 'cause', '')}")
+        if translated is None:
+            raise
+        raise translated from None
+
+
+ENGINE_ERROR_LINE = re.compile(r"^engine\.errors\.(\w+): (.+)$", re.MULTILINE)
+TAR_PATH = re.compile(r"tar is ([^\s)]+)")
+NOT_ADJACENT = re.compile(r"for key '([^']*)' are not contiguous")
+DUPLICATE = re.compile(r"(\S+)\.(\w+): duplicate file name in tar file")
+TAR_ERROR = re.compile(r"^tarfile\.\w+: (.+)$", re.MULTILINE)
+
+
+def engine_error_from(text: str) -> errors.EngineError | None:
+    """The EngineError that the text of a Ray task error describes, or None if it is something else."""
+    if match := ENGINE_ERROR_LINE.search(text):
+        error_class = getattr(errors, match.group(1), None)
+        if isinstance(error_class, type) and issubclass(error_class, errors.EngineError):
+            return error_class(match.group(2))
+    if tar := TAR_PATH.search(text):  # read_webdataset's layout checks name the tar this way
+        shard = tar.group(1).rstrip(".,").rsplit("/", 1)[-1]
+        if key := NOT_ADJACENT.search(text):
+            return DataError(f"shard {shard}: members of sample {key.group(1)!r} are not adjacent in the tar")
+        if dup := DUPLICATE.search(text):
+            return DataError(f"shard {shard}: sample {dup.group(1)!r} has two .{dup.group(2)} members")
+        return DataError(f"shard {shard}: {text.strip().splitlines()[-1]}")
+    if bad := TAR_ERROR.search(text):
+        return DataError(f"a shard is not a readable tar file ({bad.group(1)}); `distill data info --verify` finds it")
+    return None
+
+
+def materialize(config: DataConfig, storage_config: StorageConfig | None = None) -> InMemoryData:
+    """``load_in_memory`` with the decoding spread over the Ray cluster (``read_shards``).
+
+    Rows come back in key order, which is the order ``load_in_memory`` reads them in, so both give
+    the same tensors and a seeded run does not depend on which reader fed it.
+    """
+    shard_set = resolve_shards(config.shards, config.split, storage_config)
+    columns = columns_for(shard_set.modality, config.tokenizer)
+    dataset = read_shard_set(shard_set, config, storage_config, columns=columns)
+    with shard_errors():
+        batches = list(dataset.iter_batches(batch_size=None, batch_format="numpy"))
+    if not batches:
+        raise DataError(f"{storage.redact(config.shards)}: split {config.split!r} has no samples")
+    keys = np.concatenate([b["key"] for b in batches])
+    order = np.argsort(keys.astype(str), kind="stable")
+    merged = {c: np.concatenate([b[c] for b in batches])[order] for c in columns}
+    return in_memory_data([merged], columns, shard_set)
+
+
+@dataclass(frozen=True)
+class SampleCounts:
+    """What is actually in a split's shards, read back through Ray Data."""
+
+    num_samples: int
+    class_counts: list[int]  # index -> samples; as long as the manifest's class list (or the largest label)
+    unlabelled: int  # samples without a .cls member
+    shard_counts: dict[str, int]  # shard name -> samples
+    captions_per_sample: dict[int, int]  # number of captions -> samples (image-text data)
+    empty_shards: list[str]
+
+    def mismatches(self, manifest: ShardManifest, split: str) -> list[str]:
+        """How these counts differ from what the manifest says (empty list: they agree)."""
+        info = manifest.splits[split]
+        problems = []
+        if self.num_samples != info.num_samples:
+            problems.append(f"{self.num_samples} samples read, manifest says {info.num_samples}")
+        if info.class_counts and self.class_counts != info.class_counts:
+            problems.append(f"class counts {self.class_counts} read, manifest says {info.class_counts}")
+        for shard in manifest.shards_of(split):
+            found = self.shard_counts.get(shard.name, 0)
+            if found != shard.num_samples:
+                problems.append(f"shard {shard.name}: {found} samples read, manifest says {shard.num_samples}")
+        return problems
+
+
+def count_samples(
+    shards_url: str, split: str = "train", storage_config: StorageConfig | None = None
+) -> SampleCounts:
+    """Count samples per class, per shard and captions per sample with Ray Data; no image is decoded."""
+    shard_set = resolve_shards(shards_url, split, storage_config)
+    text = shard_set.modality == "image-text"
+    columns = ("label", "shard", "num_captions") if text else ("label", "shard")
+    dataset = read_shard_set(shard_set, DataConfig(shards=shards_url, split=split), storage_config, columns=columns)
+    labels, shards, captions = Counter(), Counter(), Counter()
+    with shard_errors():
+        for batch in dataset.iter_batches(batch_size=4096, batch_format="numpy"):
+            labels.update(batch["label"].tolist())
+            shards.update(str(s) for s in batch["shard"])
+            if text:
+                captions.update(batch["num_captions"].tolist())
+    num_classes = max([len(shard_set.manifest.classes), *(label + 1 for label in labels)])
+    return SampleCounts(
+        num_samples=sum(shards.values()),
+        class_counts=[labels.get(i, 0) for i in range(num_classes)],
+        unlabelled=labels.get(-1, 0),
+        shard_counts=dict(sorted(shards.items())),
+        captions_per_sample=dict(sorted(captions.items())),
+        empty_shards=list(shard_set.empty),
+    )

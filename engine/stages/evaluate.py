@@ -1,0 +1,331 @@
+"""The evaluate stage: the distilled sets against coresets of the same size and the full training split,
+for any task (accuracy of classifiers, retrieval recall of dual encoders), in one loop.
+
+    sets, size by size:
+        distilled:<method>               the set in <run_dir>/distill/<method>/ipc-<k>/, trained with its
+                                         learned step size
+        distilled:<method> (best val)    the snapshot best on evaluate.best_snapshot_split (if kept)
+        random / herding / kcenter / forgetting
+                                         real samples (ipc per class; for pairs, <size> images with one
+                                         caption each) chosen from the training split; herding and k-center
+                                         on expert 0's embeddings, forgetting from a run with the experts' recipe
+    full                                 the whole training split (evaluate.full)
+    -> evaluate.repeats fresh networks per set (engine.seeds: never an expert's starting point)
+    -> <run_dir>/results.json {"header", "rows"}, results.md, config.yaml
+
+The reported split is used for no choice of any kind. A results.json scored on another split is kept
+as results-<split>.json, never overwritten silently.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import Tensor, nn
+
+from engine import storage
+from engine.config import to_yaml
+from engine.data.manifest import ShardManifest
+from engine.distill.synthetic import SyntheticSet, list_snapshots
+from engine.distill.vl import learned_lr
+from engine.errors import DataError
+from engine.evaluate.run import EvaluatedSet, evaluate_sets, results_table, score_set
+from engine.evaluate.tasks import ClassificationTask, RetrievalTask, Task
+from engine.experiment import DISTILLED, ExperimentConfig
+from engine.labels import LABEL_SOURCES
+from engine.models.params import set_flat
+from engine.models.registry import build_model
+from engine.provenance import package_versions, source_commit
+from engine.resources import default_device
+from engine.seeds import evaluation_seeds, stream_seed
+from engine.select import CORESETS, CoresetInputs
+from engine.select.features import caption_finds_its_image, joint_embeddings, penultimate_features
+from engine.select.forgetting import forgetting_counts
+from engine.stages import Runtime
+from engine.stages.context import (
+    caption_features_of,
+    data_fingerprint,
+    distill_dir,
+    load_preprocess,
+    load_split,
+    model_spec,
+    prepare_data,
+)
+from engine.trajectories.experts import build_shared_frozen
+from engine.trajectories.store import TrajectoryStore
+from engine.trajectories.train import ExpertData
+
+RESULTS = "results.json"
+
+
+# --- what is trained on: the training split as a pool of candidates -------------------------------------
+
+
+@dataclass
+class Pool:
+    """The training split as candidates for coresets: ``images[i]`` with ``targets[i]``; a coreset of size k
+    picks k per class (``groups``), or k of ``candidates`` when there are no classes (pairs)."""
+
+    images: Tensor  # model-input space, one row per candidate (an image, or an image-caption pair)
+    targets: Tensor  # labels, or caption features
+    groups: Tensor | None  # class of each candidate
+    candidates: Callable[[torch.Generator], Tensor]  # the candidates a coreset of this draw may pick from
+    features: Callable[[], Tensor]  # expert 0's embedding of every candidate
+    counts: Callable[[], Tensor]  # forgetting events of every candidate
+    full_size: int  # what the full-data row is called: images per class, or pairs
+
+    def coreset(self, method: str, size: int, seed: int) -> tuple[Tensor, Tensor]:
+        generator = torch.Generator().manual_seed(stream_seed("coreset", seed, size))
+        allowed = self.candidates(generator)
+        groups = None if self.groups is None else self.groups[allowed].cpu()
+        inputs = CoresetInputs(len(allowed), groups, lambda: self.features()[allowed], lambda: self.counts()[allowed])
+        if groups is None and size > len(allowed):
+            raise DataError(f"a coreset of {size} pairs needs {size} training images; the split has {len(allowed)}")
+        index = allowed[CORESETS[method](size, inputs, generator)]
+        return self.images[index.to(self.images.device)], self.targets[index.to(self.targets.device)]
+
+
+def one_caption_per_image(caption_image: Tensor, num_images: int, generator: torch.Generator) -> Tensor:
+    """(images with a caption,) caption indices: one caption of each image drawn at random, by image. As in
+    the VL paper's baselines, a pair coreset is a set of distinct images with one caption each."""
+    order = torch.randperm(len(caption_image), generator=generator)
+    first = torch.full((num_images,), len(order), dtype=torch.long)
+    first.scatter_reduce_(0, caption_image[order], torch.arange(len(order)), reduce="amin")
+    return order[first[first < len(order)]]
+
+
+class Experiment:
+    """The task and the training pool of one config's evaluation, read once."""
+
+    def __init__(self, config: ExperimentConfig, runtime: Runtime, split: str, device: torch.device):
+        self.config, self.runtime, self.device = config, runtime, device
+        self.manifest = prepare_data(config)
+        self.spec = model_spec(config, self.manifest, config.evaluate.model)
+        self.preprocess = load_preprocess(config)
+        self.pairs = self.manifest.modality == "image-text"
+        self.train = load_split(config, config.data.split, runtime)
+        self.train_text = (caption_features_of(config, self.manifest, self.spec, self.train, config.data.split)
+                           if self.pairs else None)
+        self.train_images = self.preprocess.apply(self.train.images).to(device)
+        self.task = self.task_on(split)
+        self.pool = self.make_pool()
+
+    def task_on(self, split: str) -> Task:
+        held_out = load_split(self.config, split, self.runtime)
+        images = self.preprocess.apply(held_out.images).to(self.device)
+        if not self.pairs:
+            return ClassificationTask(lambda: build_model(self.spec), images, held_out.labels.to(self.device),
+                                      LABEL_SOURCES[self.config.evaluate.labels]())
+        text = caption_features_of(self.config, self.manifest, self.spec, held_out, split)
+        return RetrievalTask(self.fresh_dual_encoder, images, text.features.to(self.device),
+                             text.image_index.to(self.device), self.config.experts.train.temperature)
+
+    def fresh_dual_encoder(self, seed: int) -> tuple[nn.Module, list[str]]:
+        """The experts' dual encoder with their frozen parts and freshly initialised recorded parameters."""
+        return build_shared_frozen(self.spec, self.config.experts.record, frozen_seed=self.config.experts.seed,
+                                   seed=seed)
+
+    def make_pool(self) -> Pool:
+        if not self.pairs:
+            labels = self.train.labels.to(self.device)
+            return Pool(self.train_images, labels, labels.cpu(), lambda _: torch.arange(len(labels)),
+                        self.classifier_features, self.forgetting, round(len(labels) / len(self.manifest.classes)))
+        text, caption_image = self.train_text.features.to(self.device), self.train_text.image_index
+        return Pool(self.train_images[caption_image.to(self.device)], text, None,
+                    lambda generator: one_caption_per_image(caption_image, len(self.train_images), generator),
+                    self.pair_embeddings, self.forgetting, len(text))
+
+    # --- what herding, k-center and forgetting look at ---
+
+    def expert_model(self) -> nn.Module:
+        """Expert 0 of the store at its last epoch."""
+        store = TrajectoryStore.open(self.config.store_url, self.config.storage)
+        model, names = build_shared_frozen(model_spec(self.config, self.manifest), self.config.experts.record,
+                                           frozen_seed=self.config.experts.seed, seed=self.config.experts.seed)
+        params = store.load_epochs(store.experts()[0], [store.num_epochs])[store.num_epochs]
+        set_flat(model, names, torch.cat([params[n].flatten() for n in names]))
+        return model.to(self.device)
+
+    @functools.cache  # noqa: B019  (one Experiment per evaluation run)
+    def classifier_features(self) -> Tensor:
+        return penultimate_features(self.expert_model(), self.train_images)
+
+    @functools.cache  # noqa: B019
+    def pair_embeddings(self) -> Tensor:
+        return joint_embeddings(self.expert_model(), self.train_images, self.train_text.features.to(self.device),
+                                self.train_text.image_index.to(self.device))
+
+    @functools.cache  # noqa: B019
+    def forgetting(self) -> Tensor:
+        """Forgetting events per candidate from one run with the experts' recipe, cached in <run_dir>/evaluate/
+        under a key of everything they depend on (data, model, recipe, recorded parameters, seed)."""
+        config = self.config
+        seed = stream_seed("forgetting", config.evaluate.seed)
+        key = json.dumps({"data": data_fingerprint(config, self.manifest), "spec": model_spec(config, self.manifest)
+                          .model_dump(mode="json"), "recipe": config.experts.train.model_dump(mode="json"),
+                          "record": config.experts.record, "seed": seed, "frozen_seed": config.experts.seed},
+                         sort_keys=True)
+        url = storage.join(config.run_dir, "evaluate",
+                           f"forgetting-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors")
+        if storage.exists(url, config.storage):
+            return load_safetensors(storage.read_bytes(url, config.storage))["counts"]
+        model, names = build_shared_frozen(model_spec(config, self.manifest), config.experts.record,
+                                           frozen_seed=config.experts.seed, seed=seed)
+        model.to(self.device)
+        if self.pairs:
+            text, caption_image = self.train_text.features.to(self.device), self.train_text.image_index
+            data = ExpertData(self.train_images[caption_image.to(self.device)], text)
+            judge = caption_finds_its_image(self.train_images, text, caption_image.to(self.device))
+            counts = forgetting_counts(model, data, config.experts.train, names, seed=seed, correct=judge).cpu()
+        else:
+            data = ExpertData(self.train_images, self.train.labels.to(self.device))
+            counts = forgetting_counts(model, data, config.experts.train, names, seed=seed).cpu()
+        storage.write_bytes(url, save_safetensors({"counts": counts.contiguous()}), config.storage)
+        return counts
+
+
+# --- the sets and the loop --------------------------------------------------------------------------------
+
+
+def as_evaluated(config: ExperimentConfig, synthetic: SyntheticSet, method: str, size: int, device: torch.device,
+                 **details: Any) -> EvaluatedSet:
+    """A distilled set to train fresh networks on: with its learned step size (one per side for pairs)."""
+    ev = config.evaluate
+    targets = synthetic.text if synthetic.text is not None else synthetic.labels
+    if not ev.use_learned_lr:
+        lr, shown = ev.train.lr, ev.train.lr
+    elif synthetic.text is not None:
+        lr, shown = learned_lr(synthetic.alphas), synthetic.alphas.tolist()
+    else:
+        lr = shown = float(synthetic.alphas.mean())
+    return EvaluatedSet(method, size, synthetic.images.to(device), targets.to(device), lr, ev.train.epochs,
+                        {"lr": shown, **details})
+
+
+def distilled_sets(config: ExperimentConfig, experiment: Experiment, size: int) -> Iterator[EvaluatedSet]:
+    """The final distilled set at ``size``, then the snapshot best on the selection split (if kept)."""
+    ev, name = config.evaluate, f"{DISTILLED}:{config.distill.method}"
+    folder = distill_dir(config, size)
+    yield as_evaluated(config, SyntheticSet.load(folder, config.storage), name, size, experiment.device)
+    snapshots = list_snapshots(folder, config.storage)
+    if not ev.selects_best_snapshot or not snapshots:
+        return
+    selection = experiment.task_on(ev.best_snapshot_split)
+    seeds = evaluation_seeds(ev.seed, ev.repeats)
+    best: tuple[int, SyntheticSet, float] | None = None
+    for iteration, url in snapshots.items():  # the latest wins ties
+        synthetic = SyntheticSet.from_bytes(storage.read_bytes(url, config.storage), storage.redact(url))
+        candidate = as_evaluated(config, synthetic, name, size, experiment.device)
+        value = score_set(selection, candidate.images, candidate.targets, ev.train, candidate.lr, seeds)
+        if best is None or value[selection.primary].mean >= best[2]:
+            best = (iteration, synthetic, value[selection.primary].mean)
+    iteration, chosen, value = best
+    yield as_evaluated(config, chosen, f"{name} (best {ev.best_snapshot_split})", size, experiment.device,
+                       iteration=iteration, selected_on={"split": ev.best_snapshot_split,
+                                                         selection.primary: round(value, 4)})
+
+
+def evaluation_sets(config: ExperimentConfig, experiment: Experiment, sizes: list[int]) -> Iterator[EvaluatedSet]:
+    ev = config.evaluate
+    coreset_sizes = ev.sizes or sizes
+    for size in sorted(set(sizes) | set(coreset_sizes)):
+        if DISTILLED in ev.methods and size in sizes:
+            yield from distilled_sets(config, experiment, size)
+        if size in coreset_sizes:
+            for method in (m for m in ev.methods if m != DISTILLED):
+                images, targets = experiment.pool.coreset(method, size, ev.seed)
+                yield EvaluatedSet(method, size, images, targets, ev.train.lr, ev.train.epochs)
+    if ev.full:
+        pool = experiment.pool
+        yield EvaluatedSet("full", pool.full_size, pool.images, pool.targets, ev.train.lr, ev.full_epochs)
+
+
+def run(config: ExperimentConfig, runtime: Runtime, sizes: list[int] | None = None) -> list[dict[str, Any]]:
+    """Evaluate every configured method; writes and returns the rows."""
+    sizes = sizes or config.pipeline.ipcs
+    header = results_header(config)
+    print(f"evaluating at sizes {sizes} on the {config.evaluate.split} split "
+          f"({config.evaluate.repeats} networks per set, seeds {header['evaluation_seeds']})", flush=True)
+    experiment = Experiment(config, runtime, config.evaluate.split, default_device())
+    rows = list(evaluate_sets(experiment.task, evaluation_sets(config, experiment, sizes), config.evaluate.train,
+                              header["evaluation_seeds"]))
+    write_results(config, header, rows)
+    return rows
+
+
+def quick_score(config: ExperimentConfig, runtime: Runtime) -> Callable[[SyntheticSet], float]:
+    """A fast proxy of a synthetic set's quality for sweeps: one network trained for ``sweep.eval_epochs``
+    epochs; the task's primary metric (accuracy, or rsum for pairs) on ``evaluate.split``."""
+    experiment = Experiment(config, runtime, config.evaluate.split, default_device())
+    train = config.evaluate.train.model_copy(update={"epochs": config.sweep.eval_epochs})
+
+    def score(synthetic: SyntheticSet) -> float:
+        evaluated = as_evaluated(config, synthetic, DISTILLED, len(synthetic), experiment.device)
+        scores = score_set(experiment.task, evaluated.images, evaluated.targets, train, evaluated.lr,
+                           evaluation_seeds(config.evaluate.seed, 1))
+        return scores[experiment.task.primary].mean
+
+    return score
+
+
+# --- results files ----------------------------------------------------------------------------------------
+
+
+def results_header(config: ExperimentConfig) -> dict[str, Any]:
+    """How every row was measured; rows add their own lr, epochs and seeds."""
+    ev = config.evaluate
+    manifest: ShardManifest = prepare_data(config)
+    return {
+        "split": ev.split,
+        "data": data_fingerprint(config, manifest),
+        "distill_method": config.distill.method,
+        "evaluation_seeds": evaluation_seeds(ev.seed, ev.repeats),
+        "repeats": ev.repeats,
+        "train": ev.train.model_dump(mode="json"),
+        "full_epochs": ev.full_epochs,
+        "use_learned_lr": ev.use_learned_lr,
+        "labels": ev.labels,
+        "best_snapshot_split": ev.best_snapshot_split if ev.selects_best_snapshot else None,
+        "model": (ev.model or config.model).model_dump(mode="json"),
+        "store": storage.redact(config.store_url),
+        "versions": package_versions(),
+        "commit": source_commit(),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def write_results(config: ExperimentConfig, header: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    url = storage.join(config.run_dir, RESULTS)
+    keep_other_split(config, header["split"])
+    table = results_table(rows)
+    storage.write_json(url, {"header": header, "rows": rows}, config.storage)
+    storage.write_text(storage.join(config.run_dir, "results.md"), table, config.storage)
+    storage.write_text(storage.join(config.run_dir, "evaluate", "config.yaml"), to_yaml(config), config.storage)
+    print(f"\n{table}\nresults: {storage.redact(url)}", flush=True)
+
+
+def keep_other_split(config: ExperimentConfig, split: str) -> None:
+    """A results.json scored on another split is renamed to results-<its split>.json (and .md), with a note."""
+    url = storage.join(config.run_dir, RESULTS)
+    if not storage.exists(url, config.storage):
+        return
+    previous = storage.read_json(url, config.storage)
+    old_split = previous.get("header", {}).get("split") if isinstance(previous, dict) else None
+    if old_split is None or old_split == split:  # unknown (an old list of rows) or the same split: replaced
+        return
+    for name in (RESULTS, "results.md"):
+        old = storage.join(config.run_dir, name)
+        if storage.exists(old, config.storage):
+            kept = storage.join(config.run_dir, name.replace("results", f"results-{old_split}"))
+            storage.write_bytes(kept, storage.read_bytes(old, config.storage), config.storage)
+    print(f"{storage.redact(url)} held scores on the {old_split!r} split; kept as results-{old_split}.json "
+          f"before writing the {split!r} results", flush=True)
