@@ -53,7 +53,7 @@ def evaluate_sets(task: Task, sets: Iterable[EvaluatedSet], train: TrainConfig, 
         scores = score_set(task, evaluated.images, evaluated.targets, config, evaluated.lr, seeds)
         shown = "  ".join(f"{m} {scores[m].mean:6.2f}" + (f" ± {scores[m].std:.2f}" if len(scores) == 1 else "")
                           for m in task.metrics)
-        log(f"  {evaluated.method:<22} {evaluated.size:>5}  {shown}")
+        log(f"  {evaluated.method:<26} {evaluated.size:>5}  {shown}")
         lr = evaluated.details.get("lr", evaluated.lr)
         for metric in task.metrics:
             yield row(evaluated.method, evaluated.size, scores[metric], metric, epochs=evaluated.epochs,

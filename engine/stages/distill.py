@@ -135,7 +135,8 @@ def run(config: ExperimentConfig, distill: DistillConfig, runtime: Runtime) -> S
 
 
 def summary(result: SyntheticSet, distill: DistillConfig, out_url: str) -> str:
-    what = f"{len(result)} pairs" if result.text is not None else f"{len(result)} images ({distill.ipc} per class)"
+    kind = "clips" if result.images.ndim == 5 else "images"
+    what = f"{len(result)} pairs" if result.text is not None else f"{len(result)} {kind} ({distill.ipc} per class)"
     line = f"distilled {what} with {distill.method} in {storage.redact(out_url)}"
     matched, full = result.metadata.get("matched_parameters"), result.metadata["full_matching_parameters"]
     if matched is not None:
