@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field, model_validator
 
@@ -20,6 +22,10 @@ class ResourcesConfig(Section):
     distill_workers: int = Field(
         0, ge=0, description="0: distil in this process; W >= 1: W data-parallel workers on Ray Train."
     )
+    expert_workers: int = Field(1, ge=1, description="Data-parallel workers per expert (Ray Train when > 1).")
+    expert_trainer: Literal["auto", "trial", "train"] = Field(
+        "auto", description="trial: each expert's Tune trial trains it; train: a TorchTrainer per expert; "
+        "auto: train for several workers or data streamed every epoch, trial otherwise.")
     max_concurrent: int | None = Field(None, ge=1, description="At most this many at once (default: as resources allow).")
     num_cpus: int | None = Field(
         None, ge=1, description="CPUs of the local cluster started when RAY_ADDRESS is unset and none runs."
@@ -29,6 +35,9 @@ class ResourcesConfig(Section):
     def _workers_need_ray(self) -> ResourcesConfig:
         if self.use_ray is False and self.distill_workers:
             raise ValueError(f"resources.distill_workers {self.distill_workers} runs data-parallel workers on Ray "
+                             "Train; it cannot be combined with resources.use_ray false")
+        if self.use_ray is False and self.expert_workers > 1:
+            raise ValueError(f"resources.expert_workers {self.expert_workers} runs data-parallel experts on Ray "
                              "Train; it cannot be combined with resources.use_ray false")
         return self
 

@@ -181,7 +181,8 @@ def _min_mean_max(histogram: dict[int, int]) -> str:
 def sample_lines(samples: InMemoryData, config: DataConfig) -> list[str]:
     shape = tuple(samples.images.shape[1:])
     axes = "(T, C, H, W)" if samples.modality == "video" else "(C, H, W)"
-    lines = [f"sample       {samples.keys[0]} decodes to {axes} = {shape} float32 ({config.resize}, {config.channels} ch)"]
+    dtype = str(samples.images.dtype).removeprefix("torch.")
+    lines = [f"sample       {samples.keys[0]} decodes to {axes} = {shape} {dtype} ({config.resize}, {config.channels} ch)"]
     if samples.captions and samples.captions[0]:
         lines.append(f"caption      {samples.captions[0][0]!r}")
     if samples.tokens is not None:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from engine import storage
@@ -130,3 +131,24 @@ def wait_for_saved_epochs(partial: Path, experts: int, at_least: int, timeout: f
             return saved
         time.sleep(0.2)
     raise AssertionError(f"the job did not save {at_least} epochs per expert within {timeout} s")
+
+
+def test_a_one_worker_ray_train_expert_equals_the_in_process_expert(ray_session, digits_shards, tmp_path):
+    """Same seed, same data order (one epoch order whatever reads the shards): the same trajectory."""
+    config = write_config(tmp_path / "buffer.yaml", str(tmp_path / "run"), digits_shards, num_experts=1)
+    assert buffer.main([config, f"run_dir={tmp_path / 'local'}", "resources.use_ray=false"]) == 0
+    assert buffer.main([config, f"run_dir={tmp_path / 'train'}", "resources.use_ray=true",
+                        "resources.expert_trainer=train", "resources.expert_workers=1"]) == 0
+    local = check_store(str(tmp_path / "local" / "trajectories"), experts=1).load_expert(0)
+    on_train = check_store(str(tmp_path / "train" / "trajectories"), experts=1).load_expert(0)
+    for epoch in range(4):
+        for name, value in local[epoch].items():
+            torch.testing.assert_close(on_train[epoch][name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_a_two_worker_data_parallel_expert_writes_a_complete_trajectory(ray_session, digits_shards, tmp_path):
+    config = write_config(tmp_path / "buffer.yaml", str(tmp_path / "run"), digits_shards, num_experts=1)
+    assert buffer.main([config, "resources.use_ray=true", "resources.expert_workers=2"]) == 0
+    store = check_store(str(tmp_path / "run" / "trajectories"), experts=1)
+    metrics = store.status(0).metrics
+    assert metrics[-1]["val_accuracy"] > 30 and metrics[-1]["train_loss"] < metrics[1]["train_loss"]

@@ -248,7 +248,11 @@ class ZCA:
             raise DataError(f"ZCA needs at least 2 images to fit, got {len(flat)}")
         mean = flat.mean(dim=0)
         centred = flat - mean
-        covariance = centred.T @ centred / (len(flat) - 1)
+        return cls.from_moments(mean, centred.T @ centred / (len(flat) - 1), eps)
+
+    @classmethod
+    def from_moments(cls, mean: Tensor, covariance: Tensor, eps: float = 0.1) -> ZCA:
+        """From the mean (D,) and unbiased covariance (D, D) of the flattened images (float64)."""
         eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
         eigenvalues = eigenvalues.clamp(min=0.0) + eps
         whiten = eigenvectors @ torch.diag(eigenvalues.rsqrt()) @ eigenvectors.T

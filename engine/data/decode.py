@@ -1,9 +1,10 @@
-"""Pure decoding of shard members: image and video bytes -> float32 arrays, labels, captions.
+"""Pure decoding of shard members: image and video bytes -> uint8 arrays, labels, captions.
 
 No Ray and no I/O here: the Ray Data reader (``map_batches``) and the in-memory reader call the same
 functions, so both paths give identical arrays. Every error names the shard and the sample key.
 
-Images become (C, H, W) float32 in [0, 1]:
+Images become (C, H, W) uint8 pixels: what travels through Ray Data and sits in buffers, a quarter of
+the bytes of float32 (``engine.data.preprocess.to_unit`` makes them float32 in [0, 1] on the device):
 
 1. EXIF orientation is applied (so a phone photo is upright);
 2. the mode is normalised: 1-bit, L, I;16*, I and F become L; LA, La, PA, RGBA, RGBa and palette
@@ -49,7 +50,7 @@ def where(shard: str, key: str) -> str:
 def decode_image(
     data: bytes, size: int, *, channels: int = 3, resize: ResizePolicy = "crop", shard: str = "?", key: str = "?"
 ) -> np.ndarray:
-    """Encoded image bytes -> (channels, size, size) float32 in [0, 1]."""
+    """Encoded image bytes -> (channels, size, size) uint8."""
     image = open_image(data, size, shard=shard, key=key)
     image = normalise_mode(image, channels)
     return to_array(resize_image(image, size, resize))
@@ -118,10 +119,10 @@ def resize_image(image: Image.Image, size: int, policy: ResizePolicy) -> Image.I
 
 
 def to_array(image: Image.Image) -> np.ndarray:
-    """An L or RGB image -> (C, H, W) float32 in [0, 1]."""
-    pixels = np.asarray(image, dtype=np.float32) * np.float32(1.0 / 255.0)
+    """An L or RGB image -> (C, H, W) uint8."""
+    pixels = np.asarray(image, dtype=np.uint8)
     if pixels.ndim == 2:
-        return pixels[None]
+        return pixels[None].copy()
     return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
 
@@ -147,7 +148,7 @@ def decode_video(
     shard: str = "?",
     key: str = "?",
 ) -> np.ndarray:
-    """Encoded video bytes -> (frames, channels, size, size) float32 in [0, 1]."""
+    """Encoded video bytes -> (frames, channels, size, size) uint8."""
     decoded = _decode_frames(data, shard=shard, key=key)
     picked = [decoded[i].to_image() for i in frame_indices(len(decoded), frames)]
     return np.stack([to_array(resize_image(normalise_mode(f, channels), size, resize)) for f in picked])

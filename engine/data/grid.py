@@ -18,7 +18,7 @@ LABEL_HEIGHT = 12
 
 
 def grid_image(images, nrow: int = 8, labels: Sequence[str] | None = None) -> Image.Image:
-    """(N, C, H, W) float in [0, 1] (numpy or torch; C = 1 or 3) -> one RGB image, ``nrow`` tiles a row.
+    """(N, C, H, W) uint8 or float in [0, 1] (numpy or torch; C = 1 or 3) -> one RGB image, ``nrow`` tiles a row.
 
     ``labels``: one short text per image, written under its tile.
     """
@@ -60,4 +60,6 @@ def _as_uint8_nhwc(images) -> np.ndarray:
     if array.ndim != 4 or array.shape[1] not in (1, 3) or len(array) == 0:
         raise ValueError(f"expected images of shape (N, 1 or 3, H, W) with N > 0, got {array.shape}")
     array = np.repeat(array, 3, axis=1) if array.shape[1] == 1 else array
-    return (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).transpose(0, 2, 3, 1)
+    if array.dtype != np.uint8:
+        array = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return array.transpose(0, 2, 3, 1)

@@ -4,8 +4,8 @@
 (``engine.runtime.data``) runs it in ``map_batches`` and ``load_in_memory`` runs it here, shard after
 shard, so both give identical arrays. Output columns / ``InMemoryData`` fields:
 
-    image         float32 (C, H, W) in [0, 1]            image and image-text data
-    video         float32 (T, C, H, W) in [0, 1]         video data
+    image         uint8 (C, H, W)                         image and image-text data
+    video         uint8 (T, C, H, W)                      video data
     label         int64, the class index; -1 when the sample has none
     key           str, the sample key (``train-00000042``)
     shard         str, the shard's file name (only when asked for)
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -86,7 +86,7 @@ class SampleDecoder:
     def batch_size(self) -> int:
         side = self.config.image_size
         frames = self.config.frames if "video" in self.columns else 1
-        sample_bytes = 4 * self.config.channels * side * side * frames
+        sample_bytes = self.config.channels * side * side * frames  # uint8
         return int(np.clip(TARGET_BATCH_BYTES // sample_bytes, 1, MAX_BATCH_SIZE))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -148,7 +148,7 @@ def _required(sample: RawSample, kind: str) -> bytes:
 
 def _stack(column: str, values: list[Any]) -> np.ndarray:
     if column in ("image", "video"):
-        return np.stack(values).astype(np.float32, copy=False)
+        return np.stack(values)  # uint8
     if column in ("label", "num_captions"):
         return np.asarray(values, dtype=np.int64)
     out = np.empty(len(values), dtype=object)  # str, or list[str] for captions (kept as Python lists)
@@ -161,7 +161,7 @@ def _stack(column: str, values: list[Any]) -> np.ndarray:
 class InMemoryData:
     """A whole (small) split as tensors."""
 
-    images: torch.Tensor  # (N, C, H, W) float32 in [0, 1]; (N, T, C, H, W) for video
+    images: torch.Tensor  # (N, C, H, W) uint8; (N, T, C, H, W) for video (Preprocess.apply takes them as they are)
     labels: torch.Tensor  # (N,) int64, -1 = no label
     keys: list[str]
     captions: list[list[str]]  # per sample, at most max_captions; [] for data without captions
@@ -212,3 +212,55 @@ def in_memory_data(batches: list[dict[str, np.ndarray]], columns: Sequence[str],
         num_captions=torch.from_numpy(merged["num_captions"]) if text else None,
         empty_shards=list(shard_set.empty),
     )
+
+
+class ShardReader:
+    """Decoded shards from this process, one at a time, without Ray (``engine.data.stream.ShardSource``)."""
+
+    def __init__(self, config: DataConfig, storage_config: StorageConfig | None = None,
+                 columns: Sequence[str] | None = None, shard_set: ShardSet | None = None):
+        self.config, self.storage_config = config, storage_config
+        self.shard_set = shard_set or resolve_shards(config.shards, config.split, storage_config)
+        self.decoder = SampleDecoder(config, columns or columns_for(self.shard_set.modality, config.tokenizer))
+        self.urls = {url.rsplit("/", 1)[-1]: url for url in self.shard_set.urls}
+
+    def shard_names(self) -> list[str]:
+        return list(self.urls)
+
+    def shard_counts(self) -> dict[str, int]:
+        counts = {s.name: s.num_samples for s in self.shard_set.manifest.shards_of(self.shard_set.split)}
+        return {name: counts[name] for name in self.urls}
+
+    def decoded(self, names: Sequence[str]) -> Iterator[dict[str, np.ndarray]]:
+        for name in names:
+            raw = iter_shards(replace(self.shard_set, urls=[self.urls[name]]), self.storage_config)
+            for chunk in _chunks(raw, IN_MEMORY_CHUNK):
+                yield self.decoder.decode(chunk)
+
+
+class CachedShards:
+    """A source's shards decoded once, on first use, and kept in this process (``data.cache: memory``)."""
+
+    def __init__(self, source: ShardReader):
+        self.source = source
+        self._decoded: dict[str, list[dict[str, np.ndarray]]] = {}
+
+    def shard_names(self) -> list[str]:
+        return self.source.shard_names()
+
+    def shard_counts(self) -> dict[str, int]:
+        return self.source.shard_counts()
+
+    def decoded(self, names: Sequence[str]) -> Iterator[dict[str, np.ndarray]]:
+        for name in names:
+            if name not in self._decoded:
+                self._decoded[name] = list(self.source.decoded([name]))
+            yield from self._decoded[name]
+
+
+def local_source(config: DataConfig, storage_config: StorageConfig | None = None,
+                 columns: Sequence[str] | None = None) -> ShardReader | CachedShards:
+    """The split's shards read in this process, kept after the first pass when ``data.cache`` says so."""
+    reader = ShardReader(config, storage_config, columns)
+    return CachedShards(reader) if config.caches(sum(reader.shard_counts().values()), reader.shard_set.modality) \
+        else reader

@@ -50,6 +50,14 @@ class DataConfig(Section):
     max_captions: int = Field(
         5, ge=1, le=100, description="Captions kept per image: the first ones; fewer are cycled in `tokens`."
     )
+    shuffle_buffer: int = Field(
+        10_000, ge=1, description="Training streams: rows shuffled together after a seeded shard order "
+        "(memory: this many decoded samples).")
+    cache: Literal["auto", "memory", "none"] = Field(
+        "auto", description="Keep the decoded training split after its first pass (memory: in this process; "
+        "on Ray: in the object store, once per cluster) instead of decoding every epoch. auto: when the "
+        "decoded split is at most cache_max_gb.")
+    cache_max_gb: float = Field(2.0, ge=0, description="auto cache: the largest decoded split kept.")
 
     @field_validator("tokenizer")
     @classmethod
@@ -57,6 +65,18 @@ class DataConfig(Section):
         if value is not None:
             parse_spec(value)
         return value
+
+    def sample_bytes(self, modality: str) -> int:
+        """Bytes of one decoded sample's pixels (uint8)."""
+        frames = self.frames if modality == "video" else 1
+        return self.channels * self.image_size * self.image_size * frames
+
+    def caches(self, num_samples: int, modality: str) -> bool:
+        """Whether the decoded split is kept after its first pass."""
+        if self.cache != "auto":
+            return self.cache == "memory"
+        return num_samples * self.sample_bytes(modality) <= self.cache_max_gb * 2**30
+
 
 # --- which shards --------------------------------------------------------------------------------------
 

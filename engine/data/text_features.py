@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -64,3 +66,25 @@ def caption_features(
         features = tower.embed_captions(flat).contiguous()
     storage.write_bytes(url, save_safetensors({"features": features, "image_index": image_index}), storage_config)
     return CaptionFeatures(features, image_index)
+
+
+@dataclass(frozen=True)
+class CaptionTable:
+    """Caption features by sample key, for streams: the rows of ``features`` that belong to each sample."""
+
+    features: Tensor  # (num_captions, D)
+    rows: dict[str, tuple[int, int]]  # sample key -> (first row, number of captions)
+
+    @classmethod
+    def of(cls, keys: Sequence[str], captions: CaptionFeatures) -> CaptionTable:
+        """``captions.image_index`` indexes ``keys`` (the split's samples, in the order captions were listed)."""
+        counts = torch.bincount(captions.image_index, minlength=len(keys)).tolist()
+        starts = [0, *torch.tensor(counts).cumsum(0).tolist()[:-1]]
+        return cls(captions.features, {key: (start, count) for key, start, count in zip(keys, starts, counts,
+                                                                                        strict=True)})
+
+    def expand(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        """An image sample -> one (image, caption feature) row per caption: what contrastive experts train on."""
+        start, count = self.rows[str(row["key"])]
+        media = "video" if "video" in row else "image"
+        return [{media: row[media], "text": self.features[start + j].numpy()} for j in range(count)]

@@ -10,8 +10,9 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from engine.data.memory import InMemoryData, load_in_memory
+from engine.data.memory import InMemoryData, load_in_memory, local_source
 from engine.data.shards import DataConfig
+from engine.data.stream import ShardSource
 from engine.errors import ConfigError
 from engine.resources import ResourcesConfig, default_device
 from engine.search import SweepConfig
@@ -28,6 +29,10 @@ class LocalRuntime:
 
     def load_split(self, data: DataConfig, storage_config: StorageConfig | None = None) -> InMemoryData:
         return load_in_memory(data, storage_config)
+
+    def source(self, data: DataConfig, storage_config: StorageConfig | None = None,
+               columns: Sequence[str] | None = None) -> ShardSource:
+        return local_source(data, storage_config, columns)
 
     def train_experts(self, plan: ExpertPlan, expert_ids: Sequence[int], progress: Progress) -> None:
         for expert_id in expert_ids:
@@ -53,6 +58,14 @@ class RayRuntime:
 
         init_ray(self.resources)
         return materialize(data, storage_config)
+
+    def source(self, data: DataConfig, storage_config: StorageConfig | None = None,
+               columns: Sequence[str] | None = None) -> ShardSource:
+        from engine.runtime.cluster import init_ray
+        from engine.runtime.data import RayShardSource
+
+        init_ray(self.resources)
+        return RayShardSource(data, storage_config, columns)
 
     def train_experts(self, plan: ExpertPlan, expert_ids: Sequence[int], progress: Progress) -> None:
         from engine.runtime.cluster import init_ray

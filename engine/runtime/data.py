@@ -13,14 +13,21 @@ import contextlib
 import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from engine import errors, storage
 from engine.data.manifest import ShardManifest
-from engine.data.memory import InMemoryData, SampleDecoder, check_columns, columns_for, in_memory_data
+from engine.data.memory import (
+    InMemoryData,
+    SampleDecoder,
+    ShardReader,
+    check_columns,
+    columns_for,
+    in_memory_data,
+)
 from engine.data.shards import DataConfig, ShardSet, canonical_member_name, resolve_shards
 from engine.errors import DataError
 from engine.storage import StorageConfig
@@ -48,8 +55,11 @@ def read_shard_set(
     storage_config: StorageConfig | None = None,
     *,
     columns: Sequence[str] | None = None,
+    preserve_order: bool = False,
 ) -> ray.data.Dataset:
-    """``read_shards`` for shards already resolved (or a subset of them: ``replace(shard_set, urls=...)``)."""
+    """``read_shards`` for shards already resolved (or a subset of them: ``replace(shard_set, urls=...)``).
+    ``preserve_order``: samples come out shard after shard in the order of ``shard_set.urls``, each in tar
+    order, though shards are read and decoded in parallel."""
     import ray.data
 
     modality = shard_set.modality
@@ -66,7 +76,9 @@ def read_shard_set(
         suffixes=decoder.member_kinds,
         override_num_blocks=len(shard_set.urls),
     )
-    return raw.map_batches(decoder, batch_format="numpy", batch_size=decoder.batch_size, zero_copy_batch=True)
+    dataset = raw.map_batches(decoder, batch_format="numpy", batch_size=decoder.batch_size, zero_copy_batch=True)
+    dataset.context.execution_options.preserve_order = preserve_order
+    return dataset
 
 
 @contextlib.contextmanager
@@ -182,3 +194,61 @@ def count_samples(
         captions_per_sample=dict(sorted(captions.items())),
         empty_shards=list(shard_set.empty),
     )
+
+
+class RayShardSource:
+    """Decoded shards through Ray (``engine.data.stream.ShardSource``). Without the cache, Ray Data reads and
+    decodes the asked shards in parallel and streams them in the asked order; with it (``data.cache``),
+    one Ray task per shard decodes it once and the result stays in the object store: every expert trial
+    on the cluster reads it from there, none decodes it again, and no process holds more than a shard."""
+
+    def __init__(self, config: DataConfig, storage_config: StorageConfig | None = None,
+                 columns: Sequence[str] | None = None):
+        self.config, self.storage_config = config, storage_config
+        self.shard_set = resolve_shards(config.shards, config.split, storage_config)
+        self.columns = tuple(columns or columns_for(self.shard_set.modality, config.tokenizer))
+        self.urls = {url.rsplit("/", 1)[-1]: url for url in self.shard_set.urls}
+        self.cached = config.caches(sum(self.shard_counts().values()), self.shard_set.modality)
+        self._refs: dict = {}
+
+    def shard_names(self) -> list[str]:
+        return list(self.urls)
+
+    def shard_counts(self) -> dict[str, int]:
+        counts = {s.name: s.num_samples for s in self.shard_set.manifest.shards_of(self.shard_set.split)}
+        return {name: counts[name] for name in self.urls}
+
+    def fill_cache(self) -> None:
+        """Decode every shard not yet cached (in parallel, one task each) and wait for them; only object
+        references are kept here. Called before expert trials start, so none waits on a decode task."""
+        import ray
+
+        decode = ray.remote(_decode_shard)
+        for name in self.urls:
+            if name not in self._refs:
+                self._refs[name] = decode.remote(self.config, self.storage_config, self.columns, self.shard_set,
+                                                 self.urls[name])
+        with shard_errors():
+            ray.get(list(self._refs.values()))
+
+    def decoded(self, names: Sequence[str]) -> Iterator[dict[str, np.ndarray]]:
+        import ray
+
+        if self.cached:
+            self.fill_cache()
+            for name in names:
+                with shard_errors():
+                    yield from ray.get(self._refs[name])
+            return
+        shard_set = replace(self.shard_set, urls=[self.urls[name] for name in names])
+        dataset = read_shard_set(shard_set, self.config, self.storage_config, columns=self.columns,
+                                 preserve_order=True)
+        with shard_errors():
+            yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
+
+
+def _decode_shard(config: DataConfig, storage_config: StorageConfig | None, columns: Sequence[str],
+                  shard_set: ShardSet, url: str) -> list[dict[str, np.ndarray]]:
+    """One shard's samples decoded (a Ray task of the cache): chunks of columns, in tar order."""
+    reader = ShardReader(config, storage_config, columns, replace(shard_set, urls=[url]))
+    return list(reader.decoded(reader.shard_names()))

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from engine.data.memory import InMemoryData
 from engine.data.shards import DataConfig
+from engine.data.stream import ShardSource
 from engine.search import SweepConfig
 from engine.storage import StorageConfig
 from engine.trajectories.experts import ExpertPlan
@@ -23,7 +24,14 @@ from engine.trajectories.experts import ExpertPlan
 class Runtime(Protocol):
     """Where a stage's work runs (``engine.runtime.LocalRuntime`` or ``RayRuntime``)."""
 
-    def load_split(self, data: DataConfig, storage_config: StorageConfig | None = None) -> InMemoryData: ...
+    def load_split(self, data: DataConfig, storage_config: StorageConfig | None = None) -> InMemoryData:
+        """A whole split in memory: for the small ones (validation, test, synthetic-set initialisation)."""
+        ...
+
+    def source(self, data: DataConfig, storage_config: StorageConfig | None = None,
+               columns: Sequence[str] | None = None) -> ShardSource:
+        """A split's decoded shards for streams (``engine.data.stream``): the training split, never held whole."""
+        ...
 
     def train_experts(self, plan: ExpertPlan, expert_ids: Sequence[int],
                       progress: Callable[[int, int, Any], None]) -> None: ...

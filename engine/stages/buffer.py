@@ -19,47 +19,55 @@ from engine.config import to_yaml
 from engine.data.manifest import ShardManifest
 from engine.data.preprocess import FILE_NAME as PREPROCESS_FILE
 from engine.data.preprocess import Preprocess
+from engine.data.stream import EpochOrder, EpochStream, images_of
 from engine.experiment import ExperimentConfig
 from engine.models.registry import ModelSpec
 from engine.stages import Runtime
-from engine.stages.context import caption_features_of, data_fingerprint, load_split, model_spec, prepare_data
+from engine.stages.context import (
+    caption_features_of,
+    caption_table,
+    data_fingerprint,
+    load_split,
+    model_spec,
+    prepare_data,
+)
 from engine.stages.pretrain import ensure_tower
-from engine.trajectories.experts import EvalData, ExpertPlan, open_store
-from engine.trajectories.train import ExpertData
+from engine.trajectories.experts import EvalData, ExpertPlan, TrainingData, open_store
 
 POLL_SECONDS = 5.0
 
 
 def build_plan(config: ExperimentConfig, manifest: ShardManifest, spec: ModelSpec,
                runtime: Runtime) -> tuple[ExpertPlan, Preprocess]:
-    """Everything an expert needs, with the input transform fitted on the training split."""
-    train = load_split(config, config.data.split, runtime)
+    """Everything an expert needs: the training split as a stream (its input transform fitted in one
+    streamed pass), the validation split in memory (it is small), caption features for image-text data."""
+    media = "video" if manifest.modality == "video" else "image"
+    source = runtime.source(config.data, config.storage, (media, "label", "key"))
+    preprocess = Preprocess.fit_stream((images_of(batch) for batch in EpochStream(source, EpochOrder(0), 512)),
+                                       config.preprocess)
     val = load_split(config, config.experts.val_split, runtime) if config.experts.val_split else None
-    preprocess = Preprocess.fit(train.images, config.preprocess)
-    train.images = preprocess.apply(train.images)
-    if val is not None:
-        val.images = preprocess.apply(val.images)
+    captions = None
     if manifest.modality == "image-text":
-        data, eval_data = pair_data(config, manifest, spec, train, val)
+        captions = caption_table(config, manifest, spec, config.data.split, runtime)
+        eval_data = validation_pairs(config, manifest, spec, val, preprocess)
     else:
-        data = ExpertData(train.images, train.labels)
-        eval_data = EvalData(val.images, val.labels) if val else None
+        eval_data = EvalData(preprocess.apply(val.images), val.labels) if val else None
     plan = ExpertPlan(
         store_url=config.store_url, spec=spec, record=config.experts.record, train=config.experts.train,
-        fingerprint=data_fingerprint(config, manifest), data=data, eval_data=eval_data, seed=config.experts.seed,
-        lease_timeout_s=config.experts.lease_timeout_s, storage_config=config.storage,
+        fingerprint=data_fingerprint(config, manifest),
+        data=TrainingData(source, preprocess, config.data.shuffle_buffer, captions), eval_data=eval_data,
+        seed=config.experts.seed, lease_timeout_s=config.experts.lease_timeout_s, storage_config=config.storage,
     )
     return plan, preprocess
 
 
-def pair_data(config: ExperimentConfig, manifest: ShardManifest, spec: ModelSpec, train, val):
-    """Image-text experts train on every (image, caption) pair, with cached caption features."""
-    train_features = caption_features_of(config, manifest, spec, train, config.data.split)
-    data = ExpertData(train.images[train_features.image_index], train_features.features)
+def validation_pairs(config: ExperimentConfig, manifest: ShardManifest, spec: ModelSpec, val,
+                     preprocess: Preprocess) -> EvalData | None:
+    """Image-text validation: images, the features of every caption, the image of each caption."""
     if val is None:
-        return data, None
-    val_features = caption_features_of(config, manifest, spec, val, config.experts.val_split)
-    return data, EvalData(val.images, val_features.features, val_features.image_index)
+        return None
+    features = caption_features_of(config, manifest, spec, val.captions, config.experts.val_split)
+    return EvalData(preprocess.apply(val.images), features.features, features.image_index)
 
 
 def print_progress(expert: int, epoch: int, state) -> None:

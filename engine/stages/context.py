@@ -11,7 +11,8 @@ from engine.data.manifest import ShardManifest
 from engine.data.memory import InMemoryData
 from engine.data.preprocess import Preprocess
 from engine.data.shards import DataConfig
-from engine.data.text_features import CaptionFeatures, caption_features
+from engine.data.stream import EpochOrder, EpochStream
+from engine.data.text_features import CaptionFeatures, CaptionTable, caption_features
 from engine.data.writers import ensure_shards
 from engine.distill.base import TrainData
 from engine.distill.synthetic import CHECKPOINT_NAME, FILE_NAME
@@ -73,16 +74,34 @@ def load_preprocess(config: ExperimentConfig) -> Preprocess:
 
 
 def caption_features_of(config: ExperimentConfig, manifest: ShardManifest, spec: ModelSpec,
-                        split_data: InMemoryData, split: str) -> CaptionFeatures:
-    """Features of every caption of a split from the frozen text tower the spec describes (model, normalize,
-    max length), computed once per data set and tower settings and cached in ``<run_dir>/cache``."""
-    if not any(split_data.captions):
+                        captions: list[list[str]], split: str) -> CaptionFeatures:
+    """Features of every caption of a split (``captions``: per sample, in the split's order) from the frozen
+    text tower the spec describes (model, normalize, max length), computed once per data set and tower
+    settings and cached in ``<run_dir>/cache``."""
+    if not any(captions):
         raise DataError(f"{config.data.shards}: split {split!r} has no captions; image-text models need pairs")
     settings = text_settings(spec.kwargs)
     cache = storage.join(config.run_dir, "cache")
     fingerprint = data_fingerprint(config, manifest)
-    return caption_features(settings.load, settings.key(), split_data.captions, cache, fingerprint, split,
-                            config.storage)
+    return caption_features(settings.load, settings.key(), captions, cache, fingerprint, split, config.storage)
+
+
+def split_captions(config: ExperimentConfig, split: str, runtime: Runtime) -> tuple[list[str], list[list[str]]]:
+    """(sample keys, captions of each) of a split in its order, streamed: no image is decoded."""
+    source = runtime.source(config.data.model_copy(update={"split": split}), config.storage, ("key", "captions"))
+    keys: list[str] = []
+    captions: list[list[str]] = []
+    for batch in EpochStream(source, EpochOrder(0), 4096):
+        keys += [str(k) for k in batch["key"]]
+        captions += [list(c) for c in batch["captions"]]
+    return keys, captions
+
+
+def caption_table(config: ExperimentConfig, manifest: ShardManifest, spec: ModelSpec, split: str,
+                  runtime: Runtime) -> CaptionTable:
+    """Caption features of a split by sample key, for streams that expand images into (image, caption) rows."""
+    keys, captions = split_captions(config, split, runtime)
+    return CaptionTable.of(keys, caption_features_of(config, manifest, spec, captions, split))
 
 
 def train_data(config: ExperimentConfig, manifest: ShardManifest, spec: ModelSpec, runtime: Runtime) -> TrainData:
@@ -90,7 +109,7 @@ def train_data(config: ExperimentConfig, manifest: ShardManifest, spec: ModelSpe
     train = load_split(config, config.data.split, runtime)
     data = TrainData(load_preprocess(config).apply(train.images), train.labels, manifest.class_names)
     if manifest.modality == "image-text":
-        pairs = caption_features_of(config, manifest, spec, train, config.data.split)
+        pairs = caption_features_of(config, manifest, spec, train.captions, config.data.split)
         data.caption_features, data.caption_image = pairs.features, pairs.image_index
         data.captions = [c for per_image in train.captions for c in per_image]
     return data

@@ -113,8 +113,8 @@ class Experiment:
         self.preprocess = load_preprocess(config)
         self.pairs = self.manifest.modality == "image-text"
         self.train = load_split(config, config.data.split, runtime)
-        self.train_text = (caption_features_of(config, self.manifest, self.spec, self.train, config.data.split)
-                           if self.pairs else None)
+        self.train_text = (caption_features_of(config, self.manifest, self.spec, self.train.captions,
+                                               config.data.split) if self.pairs else None)
         self.train_images = self.preprocess.apply(self.train.images).to(device)
         self.task = self.task_on(split)
         self.pool = self.make_pool()
@@ -125,7 +125,7 @@ class Experiment:
         if not self.pairs:
             return ClassificationTask(lambda: build_model(self.spec), images, held_out.labels.to(self.device),
                                       LABEL_SOURCES[self.config.evaluate.labels]())
-        text = caption_features_of(self.config, self.manifest, self.spec, held_out, split)
+        text = caption_features_of(self.config, self.manifest, self.spec, held_out.captions, split)
         return RetrievalTask(self.fresh_dual_encoder, images, text.features.to(self.device),
                              text.image_index.to(self.device), self.config.experts.train.temperature)
 

@@ -12,9 +12,10 @@ frozen. Objectives: ``classification`` (cross-entropy on labels) and ``contrasti
 InfoNCE on image/text embeddings that the model L2-normalises; a batch is (images, precomputed text
 features)). ZCA whitening, when used, is applied upstream to the image tensor before it is passed in.
 
-Randomness comes only from one ``torch.Generator`` seeded with ``seed`` (permutations, DSA draws and
-a per-epoch seed for any dropout inside the model, which runs under ``torch.random.fork_rng`` so
-the caller's global RNG is neither used nor changed). ``TrainState`` holds everything needed to
+Randomness: the data order of epoch e comes from (seed, e) (``engine.data.stream``: the same order
+from tensors in memory, a stream of shards in this process or Ray Data); DSA draws and a per-epoch
+seed for any dropout inside the model come from one ``torch.Generator`` seeded with ``seed`` (dropout
+runs under ``torch.random.fork_rng``, so the caller's global RNG is neither used nor changed). ``TrainState`` holds everything needed to
 continue after an epoch — epoch, trained parameters, momentum buffers, module buffers (e.g. batch
 norm statistics) and the generator state — as tensors, so a resumed run is bit-identical to an
 uninterrupted one on the same device.
@@ -23,7 +24,7 @@ uninterrupted one on the same device.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -37,6 +38,7 @@ from torch import Tensor, nn
 from engine.checkpoint import safetensors_metadata
 from engine.config import Section
 from engine.data.augment import DEFAULT_STRATEGY, DSA, DSAStrategy
+from engine.data.stream import Batches, TensorBatches
 from engine.errors import DataError, EngineError
 from engine.losses import infonce_loss
 from engine.models.params import train_mode
@@ -139,34 +141,36 @@ def snapshot(params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
     return {name: p.detach().cpu().clone() for name, p in params.items()}
 
 
-def minibatches(data: ExpertData, batch_size: int, gen: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
-    order = torch.randperm(len(data.images), generator=gen)
-    for index in order.split(batch_size):
-        yield data.images[index], data.targets[index]
+Reduce = Callable[[list[Tensor]], list[Tensor]]  # averages tensors over data-parallel workers
 
 
 def train_epoch(
     model: nn.Module,
     params: dict[str, nn.Parameter],
     momentum: dict[str, Tensor],
-    data: ExpertData,
+    batches: Iterable[tuple[Tensor, Tensor]],
     config: ExpertConfig,
     dsa: DSA | None,
     gen: torch.Generator,
+    reduce: Reduce | None = None,
 ) -> float:
-    """One pass over the data; returns the mean training loss."""
+    """One pass over the epoch's batches; returns the mean training loss (of this worker's share)."""
     weights, buffers = list(params.values()), list(momentum.values())
     device = weights[0].device
     train_mode(model, params)
     total, count = torch.zeros((), device=device), 0  # summed on the device: no sync per batch
-    for images, targets in minibatches(data, config.batch_size, gen):
+    for images, targets in batches:
         images, targets = images.to(device), targets.to(device)
         if dsa is not None:
             images = dsa(images, gen)
         loss = objective_loss(model, images, targets, config)
-        grads = torch.autograd.grad(loss, weights, materialize_grads=True)
+        grads = list(torch.autograd.grad(loss, weights, materialize_grads=True))
+        if reduce is not None:  # data-parallel: every worker applies the mean gradient
+            grads = reduce(grads)
         sgd_step(weights, grads, buffers, config.lr, config.momentum, config.weight_decay)
         total, count = total + loss.detach() * len(images), count + len(images)
+    if count == 0:
+        raise DataError("an epoch without a single batch: the training data is empty")
     return float(total) / count
 
 
@@ -219,7 +223,7 @@ def restore_state(
 
 def train_expert(
     model: nn.Module,
-    data: ExpertData,
+    data: ExpertData | Batches,
     config: ExpertConfig,
     *,
     recorded: Sequence[str],
@@ -227,8 +231,13 @@ def train_expert(
     on_epoch: EpochCallback | None = None,
     resume: TrainState | None = None,
     eval_fn: EvalFn | None = None,
+    reduce: Reduce | None = None,
 ) -> TrainState:
     """Train ``model`` in place for ``config.epochs`` epochs; returns the state after the last one.
+
+    ``data``: tensors (``ExpertData``, shuffled per epoch by a generator seeded by (seed, epoch)) or any
+    ``Batches``, e.g. a stream of the split (``engine.data.stream``); ``reduce`` averages gradients over
+    data-parallel workers.
 
     ``on_epoch(epoch, {name: cpu tensor}, state)`` is called after every epoch, and for epoch 0 (the
     initialisation) before training; ``state.metrics`` holds ``train_loss`` (epochs ≥ 1) and what
@@ -236,6 +245,8 @@ def train_expert(
     epoch k, the model built from the same seed), training continues at epoch k + 1 and the
     callback is not called for epochs ≤ k.
     """
+    batches = TensorBatches(data.images, data.targets, config.batch_size, seed) if isinstance(data, ExpertData) \
+        else data
     params = select_trained(model, recorded)
     momentum = {name: torch.zeros_like(p) for name, p in params.items()}
     gen = torch.Generator().manual_seed(seed)
@@ -253,7 +264,7 @@ def train_expert(
     for epoch in range(state.epoch + 1, config.epochs + 1):
         epoch_seed = int(torch.randint(2**62, (1,), generator=gen))
         with seeded_global_rng(epoch_seed, device):  # only dropout-like layers draw from it
-            train_loss = train_epoch(model, params, momentum, data, config, dsa, gen)
+            train_loss = train_epoch(model, params, momentum, batches.epoch(epoch), config, dsa, gen, reduce)
         metrics = {"train_loss": train_loss, **evaluate(model, eval_fn)}
         state = capture_state(epoch, seed, model, params, momentum, gen, metrics)
         notify(epoch, state.params, state)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from engine import storage
 from engine.checkpoint import safetensors_metadata
+from engine.data.stream import Batches
 from engine.errors import DataError, EngineError
 from engine.storage import StorageConfig
 from engine.trajectories.lease import DEFAULT_LEASE_TIMEOUT_S, Leases
@@ -40,6 +41,7 @@ from engine.trajectories.train import (
     EvalFn,
     ExpertConfig,
     ExpertData,
+    Reduce,
     TrainState,
     train_expert,
 )
@@ -219,13 +221,14 @@ def record_expert(
     store: TrajectoryStore,
     expert_id: int,
     model: nn.Module,
-    data: ExpertData,
+    data: ExpertData | Batches,
     config: ExpertConfig,
     *,
     recorded: Sequence[str],
     seed: int,
     eval_fn: EvalFn | None = None,
     on_epoch: EpochCallback | None = None,
+    reduce: Reduce | None = None,
 ) -> ExpertStatus:
     """Train (or resume) one expert into the store: the buffer job's loop for one claimed expert.
 
@@ -247,7 +250,8 @@ def record_expert(
             on_epoch(epoch, params, epoch_state)
 
     final = train_expert(
-        model, data, config, recorded=recorded, seed=seed, on_epoch=save_epoch, resume=state, eval_fn=eval_fn
+        model, data, config, recorded=recorded, seed=seed, on_epoch=save_epoch, resume=state, eval_fn=eval_fn,
+        reduce=reduce,
     )
     # Which epoch this (last) attempt started from: 0 = from scratch, k = resumed after epoch k.
     return store.finish(expert_id, seed, {**final.metrics, "started_at_epoch": state.epoch if state else 0})
