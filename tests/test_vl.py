@@ -125,9 +125,8 @@ def test_pair_coresets_take_one_caption_each_of_distinct_images():
     assert sorted(caption_image[picked].tolist()) == list(range(12))  # every image once, one caption each
 
     images = torch.arange(12.0).view(12, 1, 1, 1)  # image i is the value i: the chosen pairs show their images
-    pool = Pool(images[caption_image], torch.zeros(60, 3), None,
-                lambda generator: one_caption_per_image(caption_image, 12, generator),
-                lambda: torch.zeros(60, 2), lambda: torch.zeros(60), 60)
+    pool = Pool(torch.zeros(60, 3), None, lambda generator: one_caption_per_image(caption_image, 12, generator),
+                lambda: torch.zeros(60, 2), lambda: torch.zeros(60), lambda units: images[caption_image[units]], 60)
     for size in (5, 12):
         chosen, text = pool.coreset("random", size, seed=0)
         assert len(set(chosen.flatten().tolist())) == size == len(chosen) == len(text)

@@ -199,3 +199,55 @@ def _share(rows: Iterator[Row], rank: int, workers: int) -> Iterator[Row]:
         if len(round_rows) == workers:
             yield round_rows[rank]
             round_rows = []
+
+
+@dataclass
+class StreamedImages:
+    """A split's images in model-input space, indexed like a tensor without ever being held:
+    ``images[positions]`` fetches those samples (positions in the canonical order: shard after shard, tar
+    order) in one streamed pass; ``batches()`` gives every image, batch after batch, in that order."""
+
+    source: ShardSource
+    transform: Callable[[Tensor], Tensor]  # uint8 pixels on the device -> model inputs
+    sample_shape: tuple[int, ...]  # (C, H, W) or (T, C, H, W)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    batch_size: int = 256
+
+    def __len__(self) -> int:
+        return sum(self.source.shard_counts().values())
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self.sample_shape)
+
+    def to(self, device: torch.device) -> StreamedImages:
+        return StreamedImages(self.source, self.transform, self.sample_shape, device, self.batch_size)
+
+    def pixels(self) -> Iterator[Tensor]:
+        """Every sample's uint8 pixels, batch after batch, in canonical order."""
+        for batch in EpochStream(self.source, EpochOrder(0), self.batch_size):
+            yield images_of(batch)
+
+    def batches(self) -> Iterator[Tensor]:
+        for pixels in self.pixels():
+            yield self.transform(pixels.to(self.device))
+
+    def __getitem__(self, positions: Tensor) -> Tensor:
+        wanted: dict[int, list[int]] = {}
+        for slot, position in enumerate(torch.as_tensor(positions).reshape(-1).tolist()):
+            wanted.setdefault(int(position), []).append(slot)
+        found: dict[int, Tensor] = {}
+        start = 0
+        for pixels in self.pixels():
+            for position in range(start, start + len(pixels)):
+                if position in wanted:
+                    for slot in wanted[position]:
+                        found[slot] = pixels[position - start]
+            start += len(pixels)
+            if len(found) == sum(len(slots) for slots in wanted.values()):
+                break
+        missing = sorted(set(range(sum(len(s) for s in wanted.values()))) - set(found))
+        if missing:
+            raise DataError(f"positions {[p for p in wanted if wanted[p][0] in missing][:5]} are past the split's "
+                            f"{start:,} samples")
+        return self.transform(torch.stack([found[slot] for slot in range(len(found))]).to(self.device))

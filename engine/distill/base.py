@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from engine.config import Section
 from engine.data.augment import DEFAULT_STRATEGY, DSAStrategy
+from engine.data.stream import StreamedImages
 from engine.distill.synthetic import SyntheticSet
 
 
@@ -64,10 +65,11 @@ class Gradients:
 
 @dataclass
 class TrainData:
-    """What a method initialises its synthetic set from: the training split in model-input space."""
+    """What a method initialises its synthetic set from: the training split in model-input space, as
+    tensors (small data, tests) or streamed (``StreamedImages``: only what a method indexes is fetched)."""
 
-    images: Tensor  # (N, C, H, W) or clips (N, T, C, H, W)
-    labels: Tensor  # (N,) class indices; -1 for image-text data
+    images: Tensor | StreamedImages  # (N, C, H, W) or clips (N, T, C, H, W)
+    labels: Tensor  # (N,) class indices in the same order; -1 for image-text data
     class_names: list[str]
     caption_features: Tensor | None = None  # (Ncap, D) image-text data: every training caption's feature
     caption_image: Tensor | None = None  # (Ncap,) the image of each caption

@@ -12,12 +12,14 @@ parameters, so any parameters the experts did not record keep the values of the 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor
 
+from engine.data.stream import StreamedImages
 from engine.distill.base import OuterSGD, TrainData
 from engine.distill.matching import TrajectoryMatching, TrajectoryMatchingConfig
 from engine.distill.synthetic import SyntheticSet
@@ -81,16 +83,17 @@ def class_indices(labels: Tensor, ipc: int, generator: torch.Generator, num_clas
     return torch.cat(chosen)
 
 
-def init_synthetic(images: Tensor, labels: Tensor, num_classes: int, config: Config, step_size: float,
-                   generator: torch.Generator) -> SyntheticSet:
-    """Images from ``ipc`` random real samples per class (or unit noise), hard labels, α = ``step_size``."""
+def init_synthetic(images: Tensor | StreamedImages, labels: Tensor, num_classes: int, config: Config,
+                   step_size: float, generator: torch.Generator) -> SyntheticSet:
+    """Images from ``ipc`` random real samples per class (or unit noise), hard labels, α = ``step_size``.
+    ``images`` may be the split streamed: only the chosen samples are fetched, the same ones."""
     index = class_indices(labels, config.ipc, generator, num_classes)
     if config.init == "real":
         syn_images = images[index].clone()
     else:
-        syn_images = torch.randn((len(index), *images.shape[1:]), generator=generator).to(images)
+        syn_images = torch.randn((len(index), *images.shape[1:]), generator=generator).to(labels.device)
     syn_labels = torch.arange(num_classes, device=labels.device).repeat_interleave(config.ipc)
-    alphas = torch.tensor([step_size], dtype=images.dtype, device=images.device)
+    alphas = torch.tensor([step_size], dtype=syn_images.dtype, device=syn_images.device)
     return SyntheticSet(syn_images, alphas, syn_labels)
 
 
@@ -108,37 +111,52 @@ def logits_of(student: FunctionalModel, theta: Tensor, images: Tensor, batch: in
         return torch.cat([student(theta, x) for x in images.split(batch)]).detach()
 
 
-def datm_init(images: Tensor, labels: Tensor, num_classes: int, config: Config, step_size: float,
+def datm_init(images: Tensor | StreamedImages, labels: Tensor, num_classes: int, config: Config, step_size: float,
               generator: torch.Generator, student: FunctionalModel, finals: list[Tensor]) -> SyntheticSet:
     """DATM (Guo et al. 2024), ``labels: soft``: with ``init: real``, ``ipc`` real images per class that the
     first expert at its final epoch classifies correctly (then the next expert, and so on, if a class runs
     short); learnable label logits = per image, the mean final-epoch logits of the experts that classify
-    it correctly (of all experts if none does). ``finals``: every expert's final parameters."""
+    it correctly (of all experts if none does). ``finals``: every expert's final parameters. ``images``:
+    the training split in model-input space, as tensors or streamed (one pass per expert consulted)."""
     if config.init == "real":
-        index = torch.cat([_correct_members(images, labels, c, config.ipc, generator, student, finals)
+        predictions: dict[int, Tensor] = {}
+
+        def predicted(expert: int) -> Tensor:  # (N,) classes the expert gives every training image
+            if expert not in predictions:
+                predictions[expert] = predict_all(student, finals[expert], images).to(labels.device)
+            return predictions[expert]
+
+        index = torch.cat([_correct_members(labels, c, config.ipc, generator, predicted, len(finals))
                            for c in range(num_classes)])
         syn_images = images[index].clone()
     else:
-        syn_images = torch.randn((num_classes * config.ipc, *images.shape[1:]), generator=generator).to(images)
+        syn_images = torch.randn((num_classes * config.ipc, *images.shape[1:]), generator=generator).to(labels.device)
     syn_labels = torch.arange(num_classes, device=labels.device).repeat_interleave(config.ipc)
     logits = torch.stack([logits_of(student, theta, syn_images) for theta in finals])  # (E, M, K)
     correct = (logits.argmax(2) == syn_labels).to(logits.dtype).unsqueeze(2)  # (E, M, 1)
     counts = correct.sum(0)
     averaged = torch.where(counts > 0, (logits * correct).sum(0) / counts.clamp(min=1), logits.mean(0))
-    alphas = torch.tensor([step_size], dtype=images.dtype, device=images.device)
+    alphas = torch.tensor([step_size], dtype=syn_images.dtype, device=syn_images.device)
     return SyntheticSet(syn_images, alphas, averaged.clone())
 
 
-def _correct_members(images: Tensor, labels: Tensor, c: int, ipc: int, generator: torch.Generator,
-                     student: FunctionalModel, finals: list[Tensor]) -> Tensor:
+@torch.no_grad()
+def predict_all(student: FunctionalModel, theta: Tensor, images: Tensor | StreamedImages) -> Tensor:
+    """(N,) the class the student at ``theta`` gives every image, batch after batch."""
+    batches = images.batches() if isinstance(images, StreamedImages) else images.split(256)
+    return torch.cat([logits_of(student, theta, x).argmax(1) for x in batches])
+
+
+def _correct_members(labels: Tensor, c: int, ipc: int, generator: torch.Generator,
+                     predicted: Callable[[int], Tensor], num_experts: int) -> Tensor:
     members = (labels == c).nonzero().flatten()
     if len(members) < ipc:
         raise DataError(f"class {c} has {len(members)} training samples, fewer than ipc {ipc}")
     members = members[torch.randperm(len(members), generator=generator).to(members.device)]
     chosen: list[int] = []
-    for theta in finals:
+    for expert in range(num_experts):
         remaining = members[~torch.isin(members, torch.tensor(chosen, dtype=members.dtype, device=members.device))]
-        right = logits_of(student, theta, images[remaining]).argmax(1) == c
+        right = predicted(expert)[remaining] == c
         chosen += remaining[right][: ipc - len(chosen)].tolist()
         if len(chosen) == ipc:
             return torch.tensor(chosen, device=members.device)

@@ -21,6 +21,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from engine.data.stream import StreamedImages
 from engine.distill.base import MethodSetup, OuterSGD, TrainData
 from engine.distill.matching import TrajectoryMatching, TrajectoryMatchingConfig
 from engine.distill.synthetic import SyntheticSet
@@ -86,10 +87,11 @@ class VisionLanguage(TrajectoryMatching):
         return metadata, [c for c, _ in nearest]
 
 
-def init_pairs(images: Tensor, text_features: Tensor, caption_image: Tensor, count: int, config: Config,
-               step_size: float, generator: torch.Generator) -> SyntheticSet:
+def init_pairs(images: Tensor | StreamedImages, text_features: Tensor, caption_image: Tensor, count: int,
+               config: Config, step_size: float, generator: torch.Generator) -> SyntheticSet:
     """``count`` random real pairs: distinct images, each with one of its captions chosen at random
-    (or Gaussian noise with the real features' per-dimension mean and std)."""
+    (or Gaussian noise with the real features' per-dimension mean and std). ``images`` may be the split
+    streamed: only the chosen images are fetched."""
     if count < 2:
         raise DataError(f"distill.ipc={count}: image-text distillation needs at least 2 pairs "
                         "(InfoNCE over one pair is constant)")
@@ -103,10 +105,10 @@ def init_pairs(images: Tensor, text_features: Tensor, caption_image: Tensor, cou
     if config.init == "real":
         syn_images, syn_text = images[chosen].clone(), text_features[torch.tensor(captions)].clone()
     else:
-        syn_images = torch.randn((count, *images.shape[1:]), generator=generator).to(images)
+        syn_images = torch.randn((count, *images.shape[1:]), generator=generator).to(text_features.device)
         noise = torch.randn((count, text_features.shape[1]), generator=generator).to(text_features)
         syn_text = text_features.mean(0) + noise * text_features.std(0)
-    alphas = torch.full((2,), step_size, dtype=images.dtype, device=images.device)
+    alphas = torch.full((2,), step_size, dtype=syn_images.dtype, device=syn_images.device)
     metadata = {"init_images": chosen.tolist(), "init_captions": captions}
     return SyntheticSet(syn_images, alphas, text=syn_text, metadata=metadata)
 

@@ -3,7 +3,7 @@ is trained on by one fresh network per evaluation seed, and each metric becomes 
 
     for each set (method, size, images, targets, lr, epochs):
         for each seed of engine.seeds.evaluation_seeds:      never an expert's starting point
-            network = task.fresh(seed); train_network(network, images, targets, lr, seed); task.score(network)
+            network = task.fresh(seed); train_network(network, set's data, lr, seed); task.score(network)
         one row per metric: {method, size, metric, mean, std, runs, seeds, lr, epochs, ...details}
 """
 
@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import Tensor
 
+from engine.data.stream import Batches
 from engine.evaluate.tasks import Task
 from engine.evaluate.train import Scores, TrainConfig, train_network
 
@@ -23,24 +24,29 @@ LearningRate = float | Callable[[str], float]
 
 @dataclass
 class EvaluatedSet:
-    """A training set to evaluate, and how fresh networks are trained on it."""
+    """A training set to evaluate, and how fresh networks are trained on it: small sets as tensors
+    (model-input space), the whole training split as a stream (``stream``: seed -> Batches)."""
 
     method: str
     size: int  # images per class, or pairs
-    images: Tensor
-    targets: Tensor  # labels, soft-label logits or caption features
+    images: Tensor | None
+    targets: Tensor | None  # labels, soft-label logits or caption features
     lr: LearningRate
     epochs: int
     details: dict[str, Any] = field(default_factory=dict)  # shown in the row: lr values, snapshot iteration...
+    stream: Callable[[int], Batches] | None = None
+
+    def data(self, seed: int) -> Batches | tuple[Tensor, Tensor]:
+        return self.stream(seed) if self.stream is not None else (self.images, self.targets)
 
 
-def score_set(task: Task, images: Tensor, targets: Tensor, train: TrainConfig, lr: LearningRate,
-              seeds: Sequence[int]) -> dict[str, Scores]:
-    """Each metric of one fresh network per seed, trained on (images, targets)."""
+def score_set(task: Task, data: Callable[[int], Batches | tuple[Tensor, Tensor]], train: TrainConfig,
+              lr: LearningRate, seeds: Sequence[int]) -> dict[str, Scores]:
+    """Each metric of one fresh network per seed, trained on ``data(seed)``."""
     runs = []
     for seed in seeds:
         model = task.fresh(seed)
-        train_network(model, images, targets, train, lr, seed, loss=task.loss)
+        train_network(model, data(seed), train, lr, seed, loss=task.loss)
         runs.append(task.score(model))
     return {metric: Scores([r[metric] for r in runs], list(seeds)) for metric in task.metrics}
 
@@ -50,7 +56,7 @@ def evaluate_sets(task: Task, sets: Iterable[EvaluatedSet], train: TrainConfig, 
     """Rows for every set, yielded as they are measured."""
     for evaluated in sets:
         config = train.model_copy(update={"epochs": evaluated.epochs})
-        scores = score_set(task, evaluated.images, evaluated.targets, config, evaluated.lr, seeds)
+        scores = score_set(task, evaluated.data, config, evaluated.lr, seeds)
         shown = "  ".join(f"{m} {scores[m].mean:6.2f}" + (f" ± {scores[m].std:.2f}" if len(scores) == 1 else "")
                           for m in task.metrics)
         log(f"  {evaluated.method:<26} {evaluated.size:>5}  {shown}")

@@ -65,7 +65,10 @@ class RayRuntime:
         from engine.runtime.data import RayShardSource
 
         init_ray(self.resources)
-        return RayShardSource(data, storage_config, columns)
+        source = RayShardSource(data, storage_config, columns)
+        if source.cached:
+            source.fill_cache()  # now, while the CPUs are free: workers started later only read it
+        return source
 
     def train_experts(self, plan: ExpertPlan, expert_ids: Sequence[int], progress: Progress) -> None:
         from engine.runtime.cluster import init_ray

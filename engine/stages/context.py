@@ -5,13 +5,17 @@ input transform, caption features, and where each size's distilled set lives."""
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
 
 from engine import storage
 from engine.data.manifest import ShardManifest
 from engine.data.memory import InMemoryData
 from engine.data.preprocess import Preprocess
 from engine.data.shards import DataConfig
-from engine.data.stream import EpochOrder, EpochStream
+from engine.data.stream import EpochOrder, EpochStream, StreamedImages
 from engine.data.text_features import CaptionFeatures, CaptionTable, caption_features
 from engine.data.writers import ensure_shards
 from engine.distill.base import TrainData
@@ -104,14 +108,37 @@ def caption_table(config: ExperimentConfig, manifest: ShardManifest, spec: Model
     return CaptionTable.of(keys, caption_features_of(config, manifest, spec, captions, split))
 
 
+@dataclass
+class StreamedSplit:
+    """A split read as a stream: its images (model-input space, fetched by position or batch after batch),
+    and what is small enough to hold: labels and keys in its canonical order."""
+
+    images: StreamedImages
+    labels: Tensor
+    keys: list[str]
+
+
+def streamed_split(config: ExperimentConfig, manifest: ShardManifest, split: str, runtime: Runtime,
+                   preprocess: Preprocess) -> StreamedSplit:
+    data = config.data.model_copy(update={"split": split})
+    media = "video" if manifest.modality == "video" else "image"
+    source = runtime.source(data, config.storage, (media, "label", "key"))
+    index = list(EpochStream(runtime.source(data, config.storage, ("key", "label")), EpochOrder(0), 4096))
+    shape = (data.channels, data.image_size, data.image_size)
+    images = StreamedImages(source, preprocess.apply, (data.frames, *shape) if media == "video" else shape)
+    return StreamedSplit(images, torch.cat([b["label"] for b in index]), [str(k) for b in index for k in b["key"]])
+
+
 def train_data(config: ExperimentConfig, manifest: ShardManifest, spec: ModelSpec, runtime: Runtime) -> TrainData:
-    """The training split in the store's input transform, with caption features for image-text data."""
-    train = load_split(config, config.data.split, runtime)
-    data = TrainData(load_preprocess(config).apply(train.images), train.labels, manifest.class_names)
+    """The training split for a method's initialisation: streamed images in the store's input transform,
+    labels, and for image-text data the features of every caption (held: they are small)."""
+    split = streamed_split(config, manifest, config.data.split, runtime, load_preprocess(config))
+    data = TrainData(split.images, split.labels, manifest.class_names)
     if manifest.modality == "image-text":
-        pairs = caption_features_of(config, manifest, spec, train.captions, config.data.split)
+        keys, captions = split_captions(config, config.data.split, runtime)
+        pairs = caption_features_of(config, manifest, spec, captions, config.data.split)
         data.caption_features, data.caption_image = pairs.features, pairs.image_index
-        data.captions = [c for per_image in train.captions for c in per_image]
+        data.captions = [c for per_image in captions for c in per_image]
     return data
 
 

@@ -35,6 +35,8 @@ from torch import Tensor, nn
 from engine import storage
 from engine.config import to_yaml
 from engine.data.manifest import ShardManifest
+from engine.data.stream import EpochOrder, EpochStream, StreamBatches
+from engine.data.text_features import CaptionFeatures
 from engine.distill.synthetic import SyntheticSet, list_snapshots
 from engine.distill.vl import learned_lr
 from engine.errors import DataError
@@ -53,16 +55,17 @@ from engine.select.forgetting import forgetting_counts
 from engine.stages import Runtime
 from engine.stages.context import (
     caption_features_of,
+    caption_table,
     data_fingerprint,
     distill_dir,
     load_preprocess,
     load_split,
     model_spec,
     prepare_data,
+    streamed_split,
 )
 from engine.trajectories.experts import build_shared_frozen
 from engine.trajectories.store import TrajectoryStore
-from engine.trajectories.train import ExpertData
 
 RESULTS = "results.json"
 
@@ -72,15 +75,17 @@ RESULTS = "results.json"
 
 @dataclass
 class Pool:
-    """The training split as candidates for coresets: ``images[i]`` with ``targets[i]``; a coreset of size k
-    picks k per class (``groups``), or k of ``candidates`` when there are no classes (pairs)."""
+    """The training split as candidates for coresets, in its canonical order (shard after shard): a
+    coreset of size k picks k per class (``groups``), or k of ``candidates`` when there are no classes
+    (pairs, one unit per caption). Only labels, keys and (N, D) embeddings are held; the chosen samples
+    are fetched from the stream by position."""
 
-    images: Tensor  # model-input space, one row per candidate (an image, or an image-caption pair)
-    targets: Tensor  # labels, or caption features
-    groups: Tensor | None  # class of each candidate
-    candidates: Callable[[torch.Generator], Tensor]  # the candidates a coreset of this draw may pick from
-    features: Callable[[], Tensor]  # expert 0's embedding of every candidate
-    counts: Callable[[], Tensor]  # forgetting events of every candidate
+    targets: Tensor  # per unit: labels, or caption features
+    groups: Tensor | None  # class of each unit
+    candidates: Callable[[torch.Generator], Tensor]  # the units a coreset of this draw may pick from
+    features: Callable[[], Tensor]  # expert 0's embedding of every unit
+    counts: Callable[[], Tensor]  # forgetting events of every unit
+    images_of: Callable[[Tensor], Tensor]  # units -> their images (model-input space), fetched from the stream
     full_size: int  # what the full-data row is called: images per class, or pairs
 
     def coreset(self, method: str, size: int, seed: int) -> tuple[Tensor, Tensor]:
@@ -91,7 +96,7 @@ class Pool:
         if groups is None and size > len(allowed):
             raise DataError(f"a coreset of {size} pairs needs {size} training images; the split has {len(allowed)}")
         index = allowed[CORESETS[method](size, inputs, generator)]
-        return self.images[index.to(self.images.device)], self.targets[index.to(self.targets.device)]
+        return self.images_of(index), self.targets[index.to(self.targets.device)]
 
 
 def one_caption_per_image(caption_image: Tensor, num_images: int, generator: torch.Generator) -> Tensor:
@@ -104,24 +109,31 @@ def one_caption_per_image(caption_image: Tensor, num_images: int, generator: tor
 
 
 class Experiment:
-    """The task and the training pool of one config's evaluation, read once."""
+    """The task and the training pool of one config's evaluation. The training split is never held: it
+    is read as a stream (``runtime.source``) for embeddings, forgetting runs, the chosen coreset samples
+    and the full-data row; held-out splits are small and stay in memory."""
 
     def __init__(self, config: ExperimentConfig, runtime: Runtime, split: str, device: torch.device):
         self.config, self.runtime, self.device = config, runtime, device
         self.manifest = prepare_data(config)
         self.spec = model_spec(config, self.manifest, config.evaluate.model)
-        self.preprocess = load_preprocess(config)
+        self.preprocess = load_preprocess(config).to(device)
         self.pairs = self.manifest.modality == "image-text"
-        self.train = load_split(config, config.data.split, runtime)
-        self.train_text = (caption_features_of(config, self.manifest, self.spec, self.train.captions,
-                                               config.data.split) if self.pairs else None)
-        self.train_images = self.preprocess.apply(self.train.images).to(device)
+        split_data = streamed_split(config, self.manifest, config.data.split, runtime, self.preprocess)
+        self.source, self.train_images = split_data.images.source, split_data.images.to(device)
+        self.keys, self.labels = split_data.keys, split_data.labels
+        self.text = None
+        if self.pairs:
+            captions = caption_table(config, self.manifest, self.spec, config.data.split, runtime)
+            self.text = CaptionFeatures(captions.features, torch.tensor(
+                [i for i, key in enumerate(self.keys) for _ in range(captions.rows[key][1])]))
+            self.captions = captions
         self.task = self.task_on(split)
         self.pool = self.make_pool()
 
     def task_on(self, split: str) -> Task:
         held_out = load_split(self.config, split, self.runtime)
-        images = self.preprocess.apply(held_out.images).to(self.device)
+        images = self.preprocess.apply(held_out.images.to(self.device))
         if not self.pairs:
             return ClassificationTask(lambda: build_model(self.spec), images, held_out.labels.to(self.device),
                                       LABEL_SOURCES[self.config.evaluate.labels]())
@@ -134,15 +146,29 @@ class Experiment:
         return build_shared_frozen(self.spec, self.config.experts.record, frozen_seed=self.config.experts.seed,
                                    seed=seed)
 
+    # --- the training split as a stream ---
+
+    def images(self) -> Iterator[Tensor]:
+        """The training split's images in model-input space, batch after batch, in canonical order."""
+        return self.train_images.batches()
+
+    def training_batches(self, seed: int, batch_size: int | None = None) -> StreamBatches:
+        """Every epoch of the training split in its seeded order: the full-data row and forgetting runs
+        (image-text data: one row per caption)."""
+        expand = self.captions.expand if self.pairs else None
+        stream = EpochStream(self.source, EpochOrder(seed, self.config.data.shuffle_buffer),
+                             batch_size or self.config.evaluate.train.batch_size, expand)
+        return StreamBatches(stream, self.preprocess.apply, "text" if self.pairs else "label", self.device)
+
     def make_pool(self) -> Pool:
         if not self.pairs:
-            labels = self.train.labels.to(self.device)
-            return Pool(self.train_images, labels, labels.cpu(), lambda _: torch.arange(len(labels)),
-                        self.classifier_features, self.forgetting, round(len(labels) / len(self.manifest.classes)))
-        text, caption_image = self.train_text.features.to(self.device), self.train_text.image_index
-        return Pool(self.train_images[caption_image.to(self.device)], text, None,
-                    lambda generator: one_caption_per_image(caption_image, len(self.train_images), generator),
-                    self.pair_embeddings, self.forgetting, len(text))
+            labels = self.labels.to(self.device)
+            return Pool(labels, self.labels, lambda _: torch.arange(len(labels)), self.classifier_features,
+                        self.forgetting, self.train_images.__getitem__, round(len(labels) / len(self.manifest.classes)))
+        text, caption_image = self.text.features.to(self.device), self.text.image_index
+        return Pool(text, None, lambda generator: one_caption_per_image(caption_image, len(self.keys), generator),
+                    self.pair_embeddings, self.forgetting, lambda units: self.train_images[caption_image[units.cpu()]],
+                    len(text))
 
     # --- what herding, k-center and forgetting look at ---
 
@@ -157,17 +183,18 @@ class Experiment:
 
     @functools.cache  # noqa: B019  (one Experiment per evaluation run)
     def classifier_features(self) -> Tensor:
-        return penultimate_features(self.expert_model(), self.train_images)
+        return penultimate_features(self.expert_model(), self.images())
 
     @functools.cache  # noqa: B019
     def pair_embeddings(self) -> Tensor:
-        return joint_embeddings(self.expert_model(), self.train_images, self.train_text.features.to(self.device),
-                                self.train_text.image_index.to(self.device))
+        return joint_embeddings(self.expert_model(), self.images(), self.text.features.to(self.device),
+                                self.text.image_index.to(self.device))
 
     @functools.cache  # noqa: B019
     def forgetting(self) -> Tensor:
-        """Forgetting events per candidate from one run with the experts' recipe, cached in <run_dir>/evaluate/
-        under a key of everything they depend on (data, model, recipe, recorded parameters, seed)."""
+        """Forgetting events per unit from one run with the experts' recipe on the training stream, cached
+        in <run_dir>/evaluate/ under a key of everything they depend on (data, model, recipe, recorded
+        parameters, seed)."""
         config = self.config
         seed = stream_seed("forgetting", config.evaluate.seed)
         key = json.dumps({"data": data_fingerprint(config, self.manifest), "spec": model_spec(config, self.manifest)
@@ -181,14 +208,20 @@ class Experiment:
         model, names = build_shared_frozen(model_spec(config, self.manifest), config.experts.record,
                                            frozen_seed=config.experts.seed, seed=seed)
         model.to(self.device)
+        recipe = config.experts.train
+        batches = self.training_batches(seed, recipe.batch_size)
         if self.pairs:
-            text, caption_image = self.train_text.features.to(self.device), self.train_text.image_index
-            data = ExpertData(self.train_images[caption_image.to(self.device)], text)
-            judge = caption_finds_its_image(self.train_images, text, caption_image.to(self.device))
-            counts = forgetting_counts(model, data, config.experts.train, names, seed=seed, correct=judge).cpu()
+            judge = caption_finds_its_image(self.images, self.text.features.to(self.device),
+                                            self.text.image_index.to(self.device))
         else:
-            data = ExpertData(self.train_images, self.train.labels.to(self.device))
-            counts = forgetting_counts(model, data, config.experts.train, names, seed=seed).cpu()
+            labels = self.labels.to(self.device)
+
+            def judge(m: nn.Module) -> Tensor:
+                m.eval()
+                with torch.no_grad():
+                    return torch.cat([m(x).argmax(1) for x in self.images()]) == labels
+
+        counts = forgetting_counts(model, batches, recipe, names, seed=seed, correct=judge).cpu()
         storage.write_bytes(url, save_safetensors({"counts": counts.contiguous()}), config.storage)
         return counts
 
@@ -225,7 +258,7 @@ def distilled_sets(config: ExperimentConfig, experiment: Experiment, size: int) 
     for iteration, url in snapshots.items():  # the latest wins ties
         synthetic = SyntheticSet.from_bytes(storage.read_bytes(url, config.storage), storage.redact(url))
         candidate = as_evaluated(config, synthetic, name, size, experiment.device)
-        value = score_set(selection, candidate.images, candidate.targets, ev.train, candidate.lr, seeds)
+        value = score_set(selection, candidate.data, ev.train, candidate.lr, seeds)
         if best is None or value[selection.primary].mean >= best[2]:
             best = (iteration, synthetic, value[selection.primary].mean)
     iteration, chosen, value = best
@@ -245,8 +278,8 @@ def evaluation_sets(config: ExperimentConfig, experiment: Experiment, sizes: lis
                 images, targets = experiment.pool.coreset(method, size, ev.seed)
                 yield EvaluatedSet(method, size, images, targets, ev.train.lr, ev.train.epochs)
     if ev.full:
-        pool = experiment.pool
-        yield EvaluatedSet("full", pool.full_size, pool.images, pool.targets, ev.train.lr, ev.full_epochs)
+        yield EvaluatedSet("full", experiment.pool.full_size, None, None, ev.train.lr, ev.full_epochs,
+                           stream=experiment.training_batches)
 
 
 def run(config: ExperimentConfig, runtime: Runtime, sizes: list[int] | None = None) -> list[dict[str, Any]]:
@@ -270,8 +303,7 @@ def quick_score(config: ExperimentConfig, runtime: Runtime) -> Callable[[Synthet
 
     def score(synthetic: SyntheticSet) -> float:
         evaluated = as_evaluated(config, synthetic, DISTILLED, len(synthetic), experiment.device)
-        scores = score_set(experiment.task, evaluated.images, evaluated.targets, train, evaluated.lr,
-                           evaluation_seeds(config.evaluate.seed, 1))
+        scores = score_set(experiment.task, evaluated.data, train, evaluated.lr, evaluation_seeds(config.evaluate.seed, 1))
         return scores[experiment.task.primary].mean
 
     return score
