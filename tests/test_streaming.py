@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from engine.data.augment import ZCA
-from engine.data.memory import CachedShards, ShardReader
+from engine.data.memory import CachedShards, ShardReader, load_in_memory
 from engine.data.preprocess import PixelStatistics, Preprocess, PreprocessConfig
 from engine.data.shards import DataConfig
-from engine.data.stream import EpochOrder, EpochStream
+from engine.data.stream import EpochOrder, EpochStream, StreamedImages
 from engine.data.writers import shard_dataset
+from engine.distill.mtt import Config as MTTConfig
+from engine.distill.mtt import init_synthetic
 from engine.errors import DataError
 from engine.runtime.data import RayShardSource
 
@@ -86,3 +88,32 @@ def test_a_shard_shorter_than_its_manifest_stops_the_epoch(digits_shards, tmp_pa
     stream = EpochStream(ShardReader(DataConfig(shards=str(copy), image_size=8, channels=1)), EpochOrder(0), 50)
     with pytest.raises(DataError, match=r"shard train-000000\.tar: 97 samples read, the manifest says 98"):
         list(stream.epoch(0))
+
+
+def test_a_shard_that_disappears_mid_stream_is_named(digits_shards, tmp_path):
+    copy = tmp_path / "digits"
+    shutil.copytree(digits_shards, copy)
+    reader = ShardReader(DataConfig(shards=str(copy), image_size=8, channels=1))
+    batches = EpochStream(reader, EpochOrder(0, shuffle_buffer=20), 10).epoch(0)  # reads a shard at a time
+    next(batches)
+    for shard in copy.glob("train-*.tar"):
+        shard.unlink()
+    with pytest.raises(DataError, match=r"shard train-00000\d\.tar: gone from .* while it was being read"):
+        list(batches)
+
+
+def test_streamed_initialisation_and_coresets_pick_the_same_samples(digits_shards):
+    config = DataConfig(shards=digits_shards, image_size=8, channels=1)
+    in_memory = load_in_memory(config)
+    streamed = StreamedImages(ShardReader(config, columns=("image", "label", "key")), lambda x: x.float() / 255,
+                              (1, 8, 8))
+    assert len(streamed) == len(in_memory) and streamed.shape == (500, 1, 8, 8)
+    distill = MTTConfig(ipc=3, max_start_epoch=2)
+    from_memory = init_synthetic(in_memory.images.float() / 255, in_memory.labels, 10, distill, 0.01,
+                                 torch.Generator().manual_seed(4))
+    from_stream = init_synthetic(streamed, in_memory.labels, 10, distill, 0.01, torch.Generator().manual_seed(4))
+    torch.testing.assert_close(from_stream.images, from_memory.images, rtol=0, atol=0)
+    positions = torch.tensor([499, 3, 3, 250])  # any order, repeats allowed
+    torch.testing.assert_close(streamed[positions], in_memory.images[positions].float() / 255, rtol=0, atol=0)
+    every = torch.cat(list(streamed.batches()))
+    torch.testing.assert_close(every, in_memory.images.float() / 255, rtol=0, atol=0)

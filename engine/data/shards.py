@@ -233,10 +233,14 @@ def iter_shards(shard_set: ShardSet, storage_config: StorageConfig | None) -> It
         name = url.rsplit("/", 1)[-1]
         fs, path = storage.filesystem(url, storage_config)
         count = 0
-        with fs.open(path, "rb") as f:
-            for key, members in iter_tar_samples(f, name):
-                count += 1
-                yield RawSample(key=key, shard=name, members=members)
+        try:
+            with fs.open(path, "rb") as f:
+                for key, members in iter_tar_samples(f, name):
+                    count += 1
+                    yield RawSample(key=key, shard=name, members=members)
+        except FileNotFoundError as err:
+            raise DataError(f"shard {name}: gone from {storage.redact(shard_set.shards_url)} while it was being "
+                            "read (listed in the manifest)") from err
         if count != expected[name]:
             raise DataError(f"shard {name}: {count} samples read, the manifest says {expected[name]} (truncated?)")
 
