@@ -24,7 +24,9 @@ JOBS: dict[str, tuple[str, str]] = {
     "evaluate": ("jobs.evaluate", "train fresh networks on distilled sets and coresets; results.json + a table"),
 }
 
-USAGE = "usage: distill <job> [config.yaml] [key=value ...]   (distill <job> --help for a job's options)"
+PRINT_CONFIG = "--print-config"
+USAGE = ("usage: distill <job> [config.yaml] [--print-config] [key=value ...]   "
+         "(distill <job> --help for a job's options)")
 
 
 def help_text() -> str:
@@ -48,16 +50,21 @@ def run_job(name: str, argv: Sequence[str]) -> int:
 
 
 def config_job(argv: Sequence[str], doc: str | None, run: Callable[[Any], object]) -> int:
-    """The ``main`` of a job that takes ``[config.yaml] [key=value ...]``: validate the experiment config,
-    then ``run`` it."""
-    from engine.config import load_config, split_config_args
+    """The ``main`` of a job that takes ``[config.yaml] [--print-config] [key=value ...]``: validate the
+    experiment config, then ``run`` it (or, with ``--print-config``, print it resolved and stop)."""
+    from engine.config import load_config, split_config_args, to_yaml
     from engine.experiment import ExperimentConfig
 
-    path, overrides = split_config_args(argv)
+    print_only = PRINT_CONFIG in argv
+    path, overrides = split_config_args([a for a in argv if a != PRINT_CONFIG])
     if path in ("-h", "--help"):
         print(doc)
         return 0
-    run(load_config(ExperimentConfig, path, overrides))
+    config = load_config(ExperimentConfig, path, overrides)
+    if print_only:
+        print(to_yaml(config), end="")
+        return 0
+    run(config)
     return 0
 
 

@@ -79,13 +79,14 @@ def read_yaml(path: str, storage_config: StorageConfig | None = None) -> dict[st
     return raw
 
 
-def _describe(error: dict[str, Any]) -> str:
-    key = ".".join(str(p) for p in error["loc"])
+def _describe(error: dict[str, Any], raw: dict[str, Any]) -> str:
+    key = config_key(error["loc"], raw)
     message = error["msg"].removeprefix("Value error, ")
     if not key:  # a check across sections names its keys itself
         return message
     if error["type"] == "extra_forbidden":
-        return f"{key}: unknown key"
+        tags = [str(p) for p in error["loc"] if str(p) not in key.split(".")]
+        return f"{key}: unknown key" + (f" (for {', '.join(tags)})" if tags else "")
     if error["type"] == "missing":
         return f"{key}: required key is missing"
     got = error.get("input")
@@ -93,17 +94,45 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{key}: {message}{shown}"
 
 
+def config_key(loc: Sequence[Any], raw: Any) -> str:
+    """The dotted key of an error's location as the user wrote it: without the tags pydantic adds for a
+    discriminated union (``distill.mtt.lr_img`` is ``distill.lr_img`` in the file)."""
+    parts, node = [], raw
+    for i, part in enumerate(loc):
+        if isinstance(node, dict):
+            match = next((k for k in node if str(k) == str(part)), None)
+            if match is None and i + 1 < len(loc):
+                continue  # a union tag, not a key of the config
+            node = node.get(match) if match is not None else None
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            node = None
+        parts.append(str(part))
+    return ".".join(parts)
+
+
+def first_error(err: ValidationError, raw: dict[str, Any]) -> tuple[str, str]:
+    """(dotted key, one-line description) of a validation error's first problem, with a count of the rest."""
+    errors = err.errors()
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return config_key(errors[0]["loc"], raw), _describe(errors[0], raw) + more
+
+
 def validate(schema: type[ConfigT], raw: dict[str, Any], source: str, overrides: Sequence[str] = ()) -> ConfigT:
     try:
         return schema.model_validate(raw)
     except ValidationError as err:
-        errors = err.errors()
-        first = errors[0]
-        overridden = {item.split("=", 1)[0] for item in overrides}
-        key = ".".join(str(p) for p in first["loc"])
-        origin = "command line" if key in overridden else source
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise ConfigError(f"{origin}: {_describe(first)}{more}") from None
+        key, described = first_error(err, raw)
+        key = key or described.split(":", 1)[0]  # a check across keys names them first in its message
+        given = [item for item in overrides if _related(key, item.split("=", 1)[0])]
+        origin = f"command line ({given[-1]})" if given else source
+        raise ConfigError(f"{origin}: {described}") from None
+
+
+def _related(key: str, overridden: str) -> bool:
+    """The error is at the overridden key, inside it, or at the section holding it (a union's tag)."""
+    return key == overridden or key.startswith(overridden + ".") or overridden.startswith(key + ".")
 
 
 def load_config(schema: type[ConfigT], path: str | None, overrides: Sequence[str] = ()) -> ConfigT:
@@ -141,5 +170,5 @@ def with_overrides(config: ConfigT, values: dict[str, Any], **fixed: Any) -> Con
         node[last] = value
     try:
         return type(config).model_validate(raw)
-    except ValueError as err:
-        raise ConfigError(f"values {values}: {str(err).splitlines()[0:3]}") from None
+    except ValidationError as err:
+        raise ConfigError(f"values {values}: {first_error(err, raw)[1]}") from None

@@ -76,6 +76,10 @@ class EvaluateConfig(Section):
     full_epochs: int = Field(30, ge=1, description="Epochs of the full-data run.")
     repeats: int = Field(3, ge=1, le=MAX_INDEX, description="Fresh networks per set; mean and std are reported.")
     split: str = Field("test", description="Split the reported metric is measured on.")
+    test_shards: PathOrURL | None = Field(
+        None, description="Measure on evaluate.split of this shard folder instead of data.shards (held-out "
+        "transfer: data the experiment never saw, without distilling again); results in "
+        "<run_dir>/heldout/<folder name>/. Its classes must be the training data's.")
     use_learned_lr: bool = Field(True, description="Train on a distilled set with its learned step size.")
     best_snapshot_split: str | None = Field(
         "val", description="When distillation kept snapshots (distill.snapshot_every), also report the snapshot "

@@ -89,14 +89,18 @@ def test_a_store_for_another_model_refuses_the_job(ray_session, digits_shards, t
     assert "was recorded for convnet(" in err and "width=16" in err and "width=8" in err
 
 
-def test_sigkill_mid_run_then_resume(ray_session, digits_shards, tmp_path):
+@pytest.mark.parametrize("data", ["cached", "streamed"])
+def test_sigkill_mid_run_then_resume(ray_session, digits_shards, tmp_path, data):
     """Kill the job (driver and its local Ray cluster) once every expert has saved some epochs but not
-    all; the rerun must resume every expert after its last saved epoch, never from scratch."""
+    all; the rerun must resume every expert after its last saved epoch, never from scratch. Cached: the
+    split decoded once into the object store, experts as Tune trials; streamed: every epoch read from the
+    shards, experts as Ray Train runs."""
     run_dir = tmp_path / "run"
     config = write_config(tmp_path / "buffer.yaml", str(run_dir), digits_shards)
     partial = run_dir / "trajectories" / "partial"
     epochs = 30
-    overrides = [f"experts.train.epochs={epochs}", "resources.num_cpus=2"]
+    overrides = [f"experts.train.epochs={epochs}", "resources.num_cpus=2",
+                 f"data.cache={'memory' if data == 'cached' else 'none'}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")
     job = subprocess.Popen(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -157,19 +158,104 @@ def test_kuberay_manifests_agree_with_the_aws_config():
             assert (int(limits["cpu"]), limits["nvidia.com/gpu"], group["maxReplicas"]) in aws_workers
 
 
-def test_runtime_envs_install_exactly_the_projects_dependencies():
+def test_dependencies_come_from_the_lock_not_from_hand_kept_pip_lists():
+    runtime_envs = {
+        "runtime_env.yaml": load("runtime_env.yaml"),
+        "kuberay-job.yaml runtimeEnvYAML": yaml.safe_load(load("kuberay-job.yaml")["spec"]["runtimeEnvYAML"]),
+    }
+    for name, env in runtime_envs.items():
+        assert not {"pip", "uv", "conda"} & set(env), f"{name} installs its own package list"
+        assert env["env_vars"]["TQDM_DISABLE"] == "1"
+        # No credentials in a runtime env: they are logged and shown in the dashboard.
+        assert not [k for k in env["env_vars"] if k.startswith("AWS_") or k.startswith("RAY_AUTH_TOKEN")], name
+    assert runtime_envs["kuberay-job.yaml runtimeEnvYAML"]["working_dir"].startswith("s3://")
+
+    # Every documented submission runs `uv run --frozen`: the driver gets exactly uv.lock, and Ray's uv
+    # runtime-env hook hands the same `uv run` to the workers.
+    documents = ["cluster/aws.yaml", "cluster/kuberay-cluster.yaml", "cluster/README.md", "README.md"]
+    submissions = [(doc, line) for doc in documents for line in shell_lines(REPO_ROOT / doc)
+                   if re.search(r"ray job submit .* -- ", line)]
+    assert {doc for doc, _ in submissions} == set(documents)
+    for doc, line in submissions:
+        assert " -- uv run --frozen python -m jobs." in line, f"{doc}: {line}"
+    assert load("kuberay-job.yaml")["spec"]["entrypoint"].startswith("uv run --frozen python -m jobs.")
+    setup = " ".join(load("aws.yaml")["setup_commands"])
+    assert "uv sync --frozen" in setup and "pip install -e" not in setup and "uv pip install" not in setup
+
     pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
-    wanted = [d for d in pyproject["project"]["dependencies"] if not d.startswith("ray")]
-    assert load("runtime_env.yaml")["pip"] == wanted
-    job_env = yaml.safe_load(load("kuberay-job.yaml")["spec"]["runtimeEnvYAML"])
-    assert job_env["pip"] == wanted
     ray_pin = next(d for d in pyproject["project"]["dependencies"] if d.startswith("ray"))
-    assert ray_pin.endswith(f"=={ray_version()}")
+    assert ray_pin.endswith(f"=={ray_version()}")  # the lock's Ray is the images' Ray
 
 
-def test_rayignore_keeps_data_and_results_out_of_uploads():
-    ignored = (REPO_ROOT / ".rayignore").read_text().split()
-    assert {"/.venv/", "/runs/", "/data/"} <= set(ignored)
+def test_the_kuberay_job_reads_its_shards_from_s3():
+    entrypoint = load("kuberay-job.yaml")["spec"]["entrypoint"].split()
+    overrides = dict(arg.split("=", 1) for arg in entrypoint if "=" in arg and not arg.startswith("-"))
+    assert overrides["data.shards"].startswith("s3://")
+    assert overrides["run_dir"].startswith("s3://")
+
+
+def test_every_aws_node_has_an_instance_profile_scoped_to_the_run_bucket():
+    config = load("aws.yaml")
+    for name, node_type in config["available_node_types"].items():
+        arn = node_type["node_config"].get("IamInstanceProfile", {}).get("Arn", "")
+        assert re.fullmatch(r"arn:aws:iam::\d{12}:instance-profile/[\w+=,.@-]+", arn), f"{name}: {arn!r}"
+
+    policy = json.loads((CLUSTER / "iam-run-bucket-policy.json").read_text())
+    statements = policy["Statement"]
+    assert statements and all(s["Effect"] == "Allow" for s in statements)
+    buckets = set()
+    for statement in statements:
+        actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+        resources = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
+        assert all(a.startswith("s3:") and "*" not in a for a in actions), actions  # no s3:*, no *
+        for resource in resources:
+            match = re.fullmatch(r"arn:aws:s3:::([a-z0-9.-]+)(/\*)?", resource)
+            assert match, resource  # never "*", never another service
+            buckets.add(match.group(1))
+            if match.group(2):
+                assert set(actions) <= OBJECT_ACTIONS, actions
+            else:
+                assert set(actions) <= BUCKET_ACTIONS, actions
+    assert len(buckets) == 1  # the run bucket, nothing else
+    granted = {a for s in statements for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
+    assert {"s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject"} <= granted
+
+
+OBJECT_ACTIONS = {"s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload",
+                  "s3:ListMultipartUploadParts"}
+BUCKET_ACTIONS = {"s3:ListBucket", "s3:GetBucketLocation", "s3:ListBucketMultipartUploads"}
+
+
+def test_rayignore_and_rsync_exclude_keep_the_same_things_off_the_cluster():
+    rayignore = [line for line in (REPO_ROOT / ".rayignore").read_text().splitlines()
+                 if line.strip() and not line.startswith("#")]
+    rsync_exclude = load("aws.yaml")["rsync_exclude"]
+    assert {"/.venv/", "/runs/", "/data/", "/.git/"} <= set(rayignore)
+    assert set(rsync_exclude) == set(rayignore)
+    # The repository is synced by file_mounts from its root, so the anchored patterns are the right ones.
+    assert load("aws.yaml")["file_mounts"]["/home/ray/distill-engine"] == "."
+
+
+def test_token_authentication_is_on_everywhere():
+    for spec in (load("kuberay-cluster.yaml")["spec"], load("kuberay-job.yaml")["spec"]["rayClusterSpec"]):
+        assert spec["authOptions"] == {"mode": "token"}
+    aws = load("aws.yaml")
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in aws[key] if "ray start" in c)
+        assert "RAY_AUTH_MODE=token" in start, start
+    assert "--env RAY_AUTH_MODE=token" in aws["docker"]["run_options"]
+    # The token travels as a file from the machine running `ray up`, never as a literal in the repo.
+    assert aws["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"
+    for path in [*CLUSTER.iterdir(), REPO_ROOT / ".rayignore"]:
+        text = path.read_text()
+        assert not re.search(r"RAY_AUTH_TOKEN[=:]\s*['\"]?[A-Za-z0-9]", text), path
+        assert not re.search(r"AKIA[0-9A-Z]{16}|aws_secret_access_key|AWS_SECRET_ACCESS_KEY", text), path
+
+
+def shell_lines(path: Path) -> list[str]:
+    """The file's lines with comment markers dropped and backslash continuations joined."""
+    lines = [re.sub(r"^#\s?", "", line) for line in path.read_text().splitlines()]
+    return re.sub(r"\s*\\\n\s*", " ", "\n".join(lines)).splitlines()
 
 
 def containers(spec: dict) -> list[dict]:

@@ -71,7 +71,7 @@ def generated_sources(prepare: dict, data: dict, root: Path) -> dict:
     prepare = dict(prepare)
     side = data["image_size"]
     if prepare["format"] == "imagefolder":
-        prepare["src"] = str(image_folder(root / "train", SMOKE_CLASSES, 60, (side + 8, side + 4)))
+        prepare["src"] = str(image_folder(root / "train", SMOKE_CLASSES, 70, (side + 8, side + 4)))
         if prepare.get("test_src"):
             prepare["test_src"] = str(image_folder(root / "test", SMOKE_CLASSES, 4, (side + 8, side + 4), seed=1))
         if prepare.get("class_list"):

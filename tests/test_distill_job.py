@@ -8,14 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 from safetensors.torch import load as load_safetensors
 
 from engine import storage
 from engine.config import load_config
 from engine.data.manifest import ShardManifest
+from engine.data.writers import shard_dataset
 from engine.distill.loop import DistillDiverged
 from engine.distill.synthetic import CHECKPOINT_NAME, SyntheticSet
-from engine.errors import ConfigError
+from engine.errors import ConfigError, DataError
 from engine.experiment import ExperimentConfig
 from engine.seeds import evaluation_seeds
 from engine.trajectories.train import safetensors_metadata
@@ -81,6 +83,9 @@ def test_distill_writes_the_set_and_resumes_to_the_same_result(experiment, tmp_p
     assert manifest["method"] == "mtt" and manifest["ipc"] == 1 and manifest["iterations"] == 4
     assert manifest["step_sizes"] == pytest.approx(resumed.alphas.tolist())
     assert (out / "grid.png").stat().st_size > 0 and (out / CHECKPOINT_NAME).exists()
+    checkpoint = json.loads(safetensors_metadata((out / CHECKPOINT_NAME).read_bytes())["checkpoint"])
+    assert len(checkpoint["losses"]) == 4  # every iteration's loss, across the resume
+    assert Image.open(out / "loss.png").size[0] > 300
     shard_manifest = ShardManifest.load(str(out / "shards"))
     assert shard_manifest.splits["train"].class_counts == [1] * 10
     assert SyntheticSet.load(str(out)).images.shape == (10, 1, 8, 8)
@@ -128,6 +133,7 @@ def test_evaluate_writes_rows_for_every_method_and_a_table(experiment, tmp_path)
     assert {"python", "torch", "ray", "numpy"} <= set(header["versions"])
     assert header["commit"] is None or len(header["commit"]) >= 40
     table = (tmp_path / "run" / "results.md").read_text()
+    assert Image.open(tmp_path / "run" / "results.png").size[1] > 300
     assert "| distilled:mtt |" in table and "| herding |" in table
 
 
@@ -178,6 +184,25 @@ def test_two_ray_train_workers_equal_one_process_with_the_same_segments(ray_sess
     assert not torch.equal(expected.images, load_initial_images(local))
 
 
+def test_held_out_shards_are_scored_without_distilling_again(experiment, tmp_path, capsys):
+    root, shards, store = experiment
+    path = config_file(tmp_path, tmp_path / "run", shards, store, evaluate={"methods": ["distilled", "random"]})
+    distill.run_distill(load(path, "distill.iterations=2"))
+    other = tmp_path / "other-digits"
+    shard_dataset("digits", None, str(other), splits={"test": 1.0}, limit=200, seed=7, progress=False)
+    rows = evaluate.run_evaluate(load(path, "distill.iterations=2", f"evaluate.test_shards={other}"), [1])
+    results = storage.read_json(str(tmp_path / "run" / "heldout" / "other-digits" / "results.json"))
+    assert results["rows"] == rows and results["header"]["shards"] == str(other)
+    assert (tmp_path / "run" / "heldout" / "other-digits" / "results.png").exists()
+    assert not (tmp_path / "run" / "results.json").exists()  # the experiment's own results are not touched
+    assert f"on the test split of {other}" in capsys.readouterr().out
+
+    with pytest.raises(DataError, match=r"evaluate.test_shards: .*nowhere holds no shards"):
+        evaluate.run_evaluate(load(path, f"evaluate.test_shards={tmp_path / 'nowhere'}"), [1])
+    with pytest.raises(DataError, match=r"has no 'val' split \(it has test\); set evaluate.split"):
+        evaluate.run_evaluate(load(path, f"evaluate.test_shards={other}", "evaluate.split=val"), [1])
+
+
 def load_initial_images(config: ExperimentConfig) -> torch.Tensor:
     """The synthetic images before any update (iteration 0 of the same seed)."""
     from engine.runtime import LocalRuntime
@@ -187,15 +212,15 @@ def load_initial_images(config: ExperimentConfig) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(("override", "message"), [
-    ("distill.ipc=0", r"distill\.mtt\.ipc: Input should be greater than or equal to 1 \(got 0\)"),
+    ("distill.ipc=0", r"distill\.ipc: Input should be greater than or equal to 1 \(got 0\)"),
     ("distill.max_start_epoch=4", r"distill: max_start_epoch \(4\) \+ expert_epochs \(2\) needs experts of 5 epochs"),
     ("pipeline.per_ipc={10: {syn_stepz: 3}}", r"pipeline\.per_ipc\.10\.syn_stepz: Extra inputs are not permitted"),
     ("evaluate.methods=[random, best]", r"evaluate\.methods: .*unknown methods \['best'\]"),
-    ("distill.gradient=adjoint", r"distill\.mtt\.gradient: Input should be 'unrolled' or 'exact'"),
+    ("distill.gradient=adjoint", r"distill\.gradient: Input should be 'unrolled' or 'exact'"),
     ("resources.distill_workers=2", r"distill_workers 2 runs data-parallel workers on Ray Train; it cannot be "
                                     r"combined with resources.use_ray false"),
     ("distill.method=dm", r"distill: Input tag 'dm' found using 'method' does not match any of the expected tags"),
-    ("distill.lr_text=5", r"distill\.mtt\.lr_text: unknown key"),
+    ("distill.lr_text=5", r"distill\.lr_text: unknown key \(for mtt\)"),
     ("experts.record=lora+heads", r"experts.record 'lora\+heads': unknown part 'lora'; choose from all, heads, "
                                   r"head, encoder"),
     ("model.kwargs.widht=3", r"model: .*convnet: widht: Extra inputs are not permitted"),

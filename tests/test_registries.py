@@ -36,7 +36,7 @@ def test_each_method_loads_by_name_with_its_own_keys(name):
     assert type(config.distill) is method.Config and config.distill.method == name
     assert typing.get_args(method.Config.model_fields["method"].annotation) == (name,)
     assert config.distill_for(3).ipc == 3 and type(config.distill_for(3)) is method.Config
-    with pytest.raises(ConfigError, match=rf"distill\.{name}\.no_such_key: unknown key"):
+    with pytest.raises(ConfigError, match=rf"distill\.no_such_key: unknown key \(for {name}\)"):
         validate(ExperimentConfig, experiment(name, no_such_key=1), "test")
 
 

@@ -453,6 +453,63 @@ def test_video_class_folders_and_csv(tmp_path):
 # --- storage -----------------------------------------------------------------------------------------
 
 
+def _two_class_folder(root: Path, count: int = 5) -> Path:
+    for cls in ("cat", "dog"):
+        for i in range(count):
+            _save(_noise("RGB", (8, 8), seed=i), root / f"{cls}/{i}.png")
+    return root
+
+
+def _packed(folder: Path, archive: Path) -> Path:
+    """``folder`` as a .tar.gz (holding ``<folder name>/<class>/…``, like CIFAR-10's train.tar.gz) or .zip."""
+    if archive.name.endswith(".zip"):
+        shutil.make_archive(str(archive.with_suffix("")), "zip", folder.parent, folder.name)
+    else:
+        with tarfile.open(archive, "w:gz") as tar:
+            tar.add(folder, arcname=folder.name)
+    return archive
+
+
+@pytest.mark.parametrize("name", ["train.tar.gz", "train.zip"])
+def test_an_archive_of_a_folder_is_a_source(tmp_path, name):
+    folder = _two_class_folder(tmp_path / "train")
+    from_folder = _shard("imagefolder", folder, tmp_path / "from-folder", splits={"train": 0.8, "val": 0.2})
+    (tmp_path / "packed").mkdir()
+    archive = _packed(folder, tmp_path / "packed" / name)
+    test = _packed(_two_class_folder(tmp_path / "test", count=2), tmp_path / "test.tar.gz")
+    manifest = _shard("imagefolder", archive, tmp_path / "from-archive", splits={"train": 0.8, "val": 0.2},
+                      test_src=str(test))
+    assert manifest.source == str(archive) and manifest.options["test_src"] == str(test)
+    assert manifest.splits["test"].class_counts == [2, 2]
+    for split in ("train", "val"):  # the same samples, in the same order, as from the folder itself
+        assert _samples(tmp_path / "from-archive", manifest, split) == _samples(tmp_path / "from-folder", from_folder,
+                                                                                 split)
+
+
+def test_an_archive_on_s3_is_a_source(tmp_path, s3_bucket):
+    import fsspec
+
+    bucket_url, config = s3_bucket
+    archive = _packed(_two_class_folder(tmp_path / "train"), tmp_path / "train.tar.gz")
+    fs = fsspec.filesystem("s3", **config.s3fs_kwargs())
+    fs.put(str(archive), f"{bucket_url}/sources/train.tar.gz")
+    manifest = shard_dataset("imagefolder", f"{bucket_url}/sources/train.tar.gz", f"{bucket_url}/shards",
+                             storage_config=config, progress=False)
+    assert manifest.splits["train"].class_counts == [5, 5]
+    assert manifest.source == f"{bucket_url}/sources/train.tar.gz"
+
+
+def test_bad_archives_fail_with_one_clear_line(tmp_path):
+    broken = tmp_path / "broken.tar.gz"
+    broken.write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(DataError, match=r"broken\.tar\.gz: not a readable archive"):
+        _shard("imagefolder", broken, tmp_path / "out")
+    with pytest.raises(DataError, match=r"missing\.zip: no such archive"):
+        _shard("imagefolder", tmp_path / "missing.zip", tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"archives are read for the folder formats .* not captions-csv"):
+        _shard("captions-csv", tmp_path / "captions.tar.gz", tmp_path / "out")
+
+
 def test_writes_to_s3(s3_bucket):
     bucket_url, config = s3_bucket
     out = f"{bucket_url}/digits"

@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from engine.errors import DataError
+from engine.extras import require
 
 ResizePolicy = Literal["crop", "squash", "pad"]
 RESAMPLE = Image.Resampling.BICUBIC
@@ -156,7 +157,7 @@ def decode_video(
 
 def _decode_frames(data: bytes, *, shard: str, key: str) -> list:
     """Every frame of the first video stream, as ``av.VideoFrame`` objects (converted only when picked)."""
-    import av  # PyAV is only needed for video data
+    av = require("av", "video", "decoding video")
 
     try:
         with av.open(io.BytesIO(data)) as container:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from engine.errors import ConfigError
+from engine.extras import require
 
 TOKENIZER_KINDS = ("open_clip", "hf")
 Tokenizer = Callable[[Sequence[str]], np.ndarray]  # texts -> (N, context_length) int64
@@ -40,7 +41,7 @@ def load_tokenizer(spec: str, context_length: int) -> Tokenizer:
 
 
 def _open_clip_tokenizer(model: str, context_length: int) -> Tokenizer:
-    import open_clip
+    open_clip = require("open_clip", "vl", f"tokenizer open_clip:{model}")
 
     if model not in open_clip.list_models():
         raise ConfigError(f"tokenizer open_clip:{model}: unknown open_clip model (see open_clip.list_models())")
@@ -53,7 +54,7 @@ def _open_clip_tokenizer(model: str, context_length: int) -> Tokenizer:
 
 
 def _hf_tokenizer(folder: str, context_length: int) -> Tokenizer:
-    from transformers import AutoTokenizer
+    AutoTokenizer = require("transformers", "vl", f"tokenizer hf:{folder}").AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)

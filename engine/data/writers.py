@@ -32,10 +32,12 @@ from tqdm import tqdm
 
 from engine import storage
 from engine.config import Section
-from engine.data import sources
+from engine.data import archives, sources
 from engine.data.manifest import MANIFEST_NAME, ShardInfo, ShardManifest, SplitInfo
 from engine.data.sources import SkipLog, Source, SourceItem
 from engine.errors import ConfigError, DataError, StorageError
+from engine.extras import require
+from engine.progress import LogLines, progress
 from engine.storage import PathOrURL, StorageConfig
 
 FORMATS: tuple[str, ...] = ("imagefolder", "captions-csv", "coco-captions", "karpathy-json", "video", "digits")
@@ -72,28 +74,36 @@ def shard_dataset(
     ``limit``: keep a seeded random subset of that many source items (tests, benchmarks).
     ``test_src``: a second source in the same format (the official test folder, e.g. CIFAR-10's) written
     whole as the ``test`` split; its classes must be the source's. ``splits`` then divides ``src`` only.
+    ``src`` and ``test_src`` of the folder formats may be archives of the folder (.tar.gz, .tgz, .tar, .zip;
+    local or a URL), unpacked into a temporary folder while the shards are written.
     """
     _check_options(fmt, src, shard_size, max_side, class_list, images_dir, limit)
+    for given in (src, test_src):
+        if archives.is_archive(given) and fmt not in CLASS_LIST_FORMATS:
+            raise ConfigError(f"{storage.redact(str(given))}: archives are read for the folder formats "
+                              f"({', '.join(CLASS_LIST_FORMATS)}), not {fmt}; unpack it first")
     fractions = _checked_fractions(fmt, splits)
     previous = _previous_manifest(out_url, overwrite, storage_config)
     skips = SkipLog()
-    source = load_source(fmt, src, class_list=class_list, images_dir=images_dir, skips=skips)
-    items = _random_subset(source.items, limit, seed)
-    items_by_split = _own_splits(items, seed) if source.has_own_splits else assign_splits(items, fractions, seed)
-    if test_src is not None:
-        items_by_split["test"] = _test_items(fmt, src, test_src, source, items_by_split, class_list, images_dir,
-                                             skips, seed)
-    if previous is not None:
-        _remove_shards(out_url, previous, storage_config)
+    with archives.unpacked(src, storage_config) as src_folder, \
+            archives.unpacked(test_src, storage_config) as test_folder:
+        source = load_source(fmt, src_folder, class_list=class_list, images_dir=images_dir, skips=skips)
+        items = _random_subset(source.items, limit, seed)
+        items_by_split = _own_splits(items, seed) if source.has_own_splits else assign_splits(items, fractions, seed)
+        if test_src is not None:
+            items_by_split["test"] = _test_items(fmt, src, test_src, test_folder, source, items_by_split,
+                                                 class_list, images_dir, skips, seed)
+        if previous is not None:
+            _remove_shards(out_url, previous, storage_config)
 
-    with _progress_bar(len(items), progress) as bar:
-        encoder = _media_encoder(source.modality, max_side)
-        shards, split_infos = [], {}
-        for split, split_items in items_by_split.items():
-            info = SplitInfo(class_counts=[0] * len(source.classes))
-            samples = _counted(_samples(split, split_items, encoder, skips, bar), info)
-            shards += _write_shards(out_url, split, samples, shard_size, storage_config)
-            split_infos[split] = info
+        with _progress_bar(len(items), progress) as bar:
+            encoder = _media_encoder(source.modality, max_side)
+            shards, split_infos = [], {}
+            for split, split_items in items_by_split.items():
+                info = SplitInfo(class_counts=[0] * len(source.classes))
+                samples = _counted(_samples(split, split_items, encoder, skips, bar), info)
+                shards += _write_shards(out_url, split, samples, shard_size, storage_config)
+                split_infos[split] = info
     if not shards:
         raise DataError(f"no usable samples in {src or fmt}: {skips.total} skipped ({skips.summary()})")
     manifest = ShardManifest(
@@ -198,7 +208,9 @@ def _options(
 
 
 def _source_description(fmt: str, src: str | None) -> str:
-    return "sklearn.datasets.load_digits" if fmt == "digits" else os.path.abspath(str(src))
+    if fmt == "digits":
+        return "sklearn.datasets.load_digits"
+    return storage.redact(str(src)) if storage.is_remote(str(src)) else os.path.abspath(str(src))
 
 
 # --- sources and splits ------------------------------------------------------------------------------
@@ -222,14 +234,16 @@ def load_source(fmt: str, src: str | None, *, class_list: str | None, images_dir
     raise ConfigError(f"unknown format {fmt!r}; expected one of: {', '.join(FORMATS)}")
 
 
-def _test_items(fmt: str, src: str | None, test_src: str, source: Source, items_by_split: dict[str, list[SourceItem]],
-                class_list: str | None, images_dir: str | None, skips: SkipLog, seed: int) -> list[SourceItem]:
-    """The items of ``test_src``, all of them, for the ``test`` split; refused if it would clash."""
+def _test_items(fmt: str, src: str | None, test_src: str, test_folder: str | None, source: Source,
+                items_by_split: dict[str, list[SourceItem]], class_list: str | None, images_dir: str | None,
+                skips: SkipLog, seed: int) -> list[SourceItem]:
+    """The items of ``test_src`` (read from ``test_folder``: itself, or the archive unpacked), all of them, for
+    the ``test`` split; refused if it would clash."""
     if fmt == "digits" or source.has_own_splits:
         raise ConfigError(f"a separate test source does not apply to {fmt} (it has no test folder of its own)")
     if "test" in items_by_split:
         raise ConfigError(f"splits name a 'test' split and a test source ({test_src}) is given: drop one")
-    test = load_source(fmt, test_src, class_list=class_list, images_dir=images_dir, skips=skips)
+    test = load_source(fmt, test_folder, class_list=class_list, images_dir=images_dir, skips=skips)
     if [c.id for c in test.classes] != [c.id for c in source.classes]:
         ours, theirs = [c.id for c in source.classes], [c.id for c in test.classes]
         raise DataError(f"test source {test_src}: classes {theirs[:5]}{'...' if len(theirs) > 5 else ''} differ from "
@@ -379,7 +393,7 @@ def _fitted_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
 
 def prepare_video(raw: bytes, ext: str) -> tuple[bytes, str]:
     """Check the clip opens with PyAV and its first video frame decodes; the bytes stay as they are."""
-    import av
+    av = require("av", "video", "sharding video")
 
     try:
         with av.open(io.BytesIO(raw)) as container:
@@ -527,9 +541,8 @@ def _remove_shards(out_url: str, previous: ShardManifest, storage_config: Storag
         storage.remove(storage.join(out_url, shard.name), storage_config)
 
 
-def _progress_bar(total: int, progress: bool) -> tqdm:
-    disabled = not progress or os.environ.get("TQDM_DISABLE", "").lower() not in ("", "0", "false")
-    return tqdm(total=total, unit="item", desc="shard", disable=disabled, dynamic_ncols=True)
+def _progress_bar(total: int, enabled: bool) -> tqdm | LogLines:
+    return progress(desc="shard", total=total, unit="item", enabled=enabled)
 
 
 # --- preparing the shards a job reads ---------------------------------------------------------------

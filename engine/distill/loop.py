@@ -23,7 +23,6 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
-from tqdm import tqdm
 
 from engine import storage
 from engine.checkpoint import safetensors_metadata
@@ -31,6 +30,7 @@ from engine.distill.base import CommonDistillConfig, DistillMethod
 from engine.distill.synthetic import CHECKPOINT_NAME, SyntheticSet, snapshot_url
 from engine.errors import EngineError
 from engine.optim import sgd_step
+from engine.progress import progress as progress_of
 from engine.storage import StorageConfig
 
 # Keys of the distill config that may change between a checkpoint and its resumption.
@@ -71,6 +71,7 @@ class Distiller:
         self.ema = synthetic.images.detach().clone() if config.ema_decay else None
         self.iteration = 0
         self.history: list[dict[str, float]] = []  # mean loss per checkpoint interval
+        self.losses: list[float] = []  # every iteration's
         self.skipped = 0  # iterations above distill.skip_loss_above, which updated nothing
         self._interval_losses: list[float] = []
 
@@ -112,8 +113,8 @@ class Distiller:
     def run(self, progress: bool = True) -> SyntheticSet:
         """Iterate to ``config.iterations``, resuming from the checkpoint in ``out_url`` if there is one."""
         self.resume()
-        bar = tqdm(range(self.iteration, self.config.iterations), desc="distill", unit="it", dynamic_ncols=True,
-                   disable=not progress or self.rank != 0, initial=self.iteration, total=self.config.iterations)
+        bar = progress_of(range(self.iteration, self.config.iterations), desc="distill", total=self.config.iterations,
+                          initial=self.iteration, enabled=progress and self.rank == 0)
         for iteration in bar:
             loss, grads = self.gradients(iteration)
             self.check(iteration, loss, grads)
@@ -123,6 +124,7 @@ class Distiller:
                 self.skipped += 1
             self.iteration = iteration + 1
             self._interval_losses.append(loss)
+            self.losses.append(loss)
             bar.set_postfix(loss=f"{loss:.4f}")
             if self.on_iteration is not None:
                 self.on_iteration(self.iteration, loss, self.result())
@@ -161,7 +163,7 @@ class Distiller:
         if self.ema is not None:
             tensors["ema"] = self.ema.cpu().contiguous()
         info = {"iteration": self.iteration, "config": self._config_json(), "history": self.history,
-                "skipped": self.skipped}
+                "losses": self.losses, "skipped": self.skipped}
         data = save_safetensors(tensors, metadata={"checkpoint": json.dumps(info, sort_keys=True)})
         storage.write_bytes(storage.join(self.out_url, CHECKPOINT_NAME), data, self.storage_config)
 
@@ -194,4 +196,5 @@ class Distiller:
             self.ema.copy_(tensors["ema"])
         self.iteration = int(info["iteration"])
         self.history = list(info["history"])
+        self.losses = list(info.get("losses", []))  # checkpoints before per-iteration losses: the intervals only
         self.skipped = int(info.get("skipped", 0))

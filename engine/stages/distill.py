@@ -28,6 +28,7 @@ from engine.distill.synthetic import SyntheticSet, save_outputs
 from engine.experiment import ExperimentConfig
 from engine.models.params import full_matching_size, select_parameters
 from engine.models.registry import ModelSpec, build_model
+from engine.plots import loss_png
 from engine.stages import Runtime
 from engine.stages.context import (
     data_fingerprint,
@@ -95,12 +96,16 @@ class DistillWorker:
             self.finish(distiller)
 
     def finish(self, distiller: Distiller) -> SyntheticSet:
-        """Write the distilled set (safetensors, shard, manifest, grid) to ``out_url``."""
+        """Write the distilled set (safetensors, shard, manifest, grid) and its loss curve to ``out_url``."""
         result = distiller.result()
         extra, shown = distiller.method.describe(result, self.data)
         result.metadata |= extra | {"iterations": distiller.iteration, "skipped_iterations": distiller.skipped,
                                     "loss_history": distiller.history}
         save_outputs(result, self.out_url, self.preprocess, self.data.class_names, self.storage_config, shown)
+        curve = storage.join(self.out_url, "loss.png")
+        title = f"{self.distill.method}, {self.distill.ipc} per class" if self.data.class_names else self.distill.method
+        storage.write_bytes(curve, loss_png(distiller.losses, distiller.history, title), self.storage_config)
+        print(f"distilled set: {storage.redact(self.out_url)} (grid.png, loss.png)", flush=True)
         return result
 
 

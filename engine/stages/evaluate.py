@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from engine import storage
 from engine.config import to_yaml
-from engine.data.manifest import ShardManifest
+from engine.data.manifest import MANIFEST_NAME, ShardManifest
 from engine.data.stream import EpochOrder, EpochStream, StreamBatches
 from engine.data.text_features import CaptionFeatures
 from engine.distill.synthetic import SyntheticSet, list_snapshots
@@ -46,6 +46,7 @@ from engine.experiment import DISTILLED, ExperimentConfig
 from engine.labels import LABEL_SOURCES
 from engine.models.params import set_flat
 from engine.models.registry import build_model
+from engine.plots import metric_by_size_png
 from engine.provenance import package_versions, source_commit
 from engine.resources import default_device
 from engine.seeds import evaluation_seeds, stream_seed
@@ -64,6 +65,7 @@ from engine.stages.context import (
     prepare_data,
     streamed_split,
 )
+from engine.storage import StorageConfig
 from engine.trajectories.experts import build_shared_frozen
 from engine.trajectories.store import TrajectoryStore
 
@@ -108,6 +110,33 @@ def one_caption_per_image(caption_image: Tensor, num_images: int, generator: tor
     return order[first[first < len(order)]]
 
 
+def held_out_data(config: ExperimentConfig, manifest: ShardManifest) -> tuple[ExperimentConfig, ShardManifest]:
+    """The config reading ``evaluate.test_shards`` as its data, and that folder's manifest: the same kind of
+    data (modality, classes) as the training shards, never written from ``prepare``."""
+    url = config.evaluate.test_shards
+    assert url is not None
+    if not storage.exists(storage.join(url, MANIFEST_NAME), config.storage):
+        raise DataError(f"evaluate.test_shards: {storage.redact(url)} holds no shards (no {MANIFEST_NAME})")
+    held_out = ShardManifest.load(url, config.storage)
+    if held_out.modality != manifest.modality:
+        raise DataError(f"evaluate.test_shards: {storage.redact(url)} holds {held_out.modality} data, the training "
+                        f"shards {manifest.modality}")
+    if [c.id for c in held_out.classes] != [c.id for c in manifest.classes]:
+        raise DataError(f"evaluate.test_shards: the classes of {storage.redact(url)} differ from the training "
+                        f"data's ({len(held_out.classes)} vs {len(manifest.classes)} classes)")
+    if config.evaluate.split not in held_out.splits:
+        raise DataError(f"evaluate.test_shards: {storage.redact(url)} has no {config.evaluate.split!r} split "
+                        f"(it has {', '.join(held_out.splits)}); set evaluate.split")
+    return config.model_copy(update={"data": config.data.model_copy(update={"shards": url})}), held_out
+
+
+def results_dir(config: ExperimentConfig) -> str:
+    """Where results.json goes: the run folder, or for held-out data <run_dir>/heldout/<its folder name>."""
+    if config.evaluate.test_shards is None:
+        return config.run_dir
+    return storage.join(config.run_dir, "heldout", config.evaluate.test_shards.rstrip("/").rsplit("/", 1)[-1])
+
+
 class Experiment:
     """The task and the training pool of one config's evaluation. The training split is never held: it
     is read as a stream (``runtime.source``) for embeddings, forgetting runs, the chosen coreset samples
@@ -132,12 +161,15 @@ class Experiment:
         self.pool = self.make_pool()
 
     def task_on(self, split: str) -> Task:
-        held_out = load_split(self.config, split, self.runtime)
+        config, manifest = self.config, self.manifest
+        if split == config.evaluate.split and config.evaluate.test_shards:
+            config, manifest = held_out_data(config, self.manifest)
+        held_out = load_split(config, split, self.runtime)
         images = self.preprocess.apply(held_out.images.to(self.device))
         if not self.pairs:
             return ClassificationTask(lambda: build_model(self.spec), images, held_out.labels.to(self.device),
                                       LABEL_SOURCES[self.config.evaluate.labels]())
-        text = caption_features_of(self.config, self.manifest, self.spec, held_out.captions, split)
+        text = caption_features_of(config, manifest, self.spec, held_out.captions, split)
         return RetrievalTask(self.fresh_dual_encoder, images, text.features.to(self.device),
                              text.image_index.to(self.device), self.config.experts.train.temperature)
 
@@ -286,7 +318,8 @@ def run(config: ExperimentConfig, runtime: Runtime, sizes: list[int] | None = No
     """Evaluate every configured method; writes and returns the rows."""
     sizes = sizes or config.pipeline.ipcs
     header = results_header(config)
-    print(f"evaluating at sizes {sizes} on the {config.evaluate.split} split "
+    where = f" of {storage.redact(config.evaluate.test_shards)}" if config.evaluate.test_shards else ""
+    print(f"evaluating at sizes {sizes} on the {config.evaluate.split} split{where} "
           f"({config.evaluate.repeats} networks per set, seeds {header['evaluation_seeds']})", flush=True)
     experiment = Experiment(config, runtime, config.evaluate.split, default_device())
     rows = list(evaluate_sets(experiment.task, evaluation_sets(config, experiment, sizes), config.evaluate.train,
@@ -318,6 +351,7 @@ def results_header(config: ExperimentConfig) -> dict[str, Any]:
     manifest: ShardManifest = prepare_data(config)
     return {
         "split": ev.split,
+        "shards": storage.redact(ev.test_shards or config.data.shards),
         "data": data_fingerprint(config, manifest),
         "distill_method": config.distill.method,
         "evaluation_seeds": evaluation_seeds(ev.seed, ev.repeats),
@@ -336,28 +370,33 @@ def results_header(config: ExperimentConfig) -> dict[str, Any]:
 
 
 def write_results(config: ExperimentConfig, header: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-    url = storage.join(config.run_dir, RESULTS)
-    keep_other_split(config, header["split"])
+    folder = results_dir(config)
+    url = storage.join(folder, RESULTS)
+    keep_other_split(folder, header["split"], config.storage)
     table = results_table(rows)
     storage.write_json(url, {"header": header, "rows": rows}, config.storage)
-    storage.write_text(storage.join(config.run_dir, "results.md"), table, config.storage)
+    storage.write_text(storage.join(folder, "results.md"), table, config.storage)
     storage.write_text(storage.join(config.run_dir, "evaluate", "config.yaml"), to_yaml(config), config.storage)
-    print(f"\n{table}\nresults: {storage.redact(url)}", flush=True)
+    picture = storage.join(folder, "results.png")
+    title = f"{header['split']} split" + (f" of {header['shards'].rstrip('/').rsplit('/', 1)[-1]}"
+                                          if config.evaluate.test_shards else "")
+    storage.write_bytes(picture, metric_by_size_png(rows, title), config.storage)
+    print(f"\n{table}\nresults: {storage.redact(url)}\nplot: {storage.redact(picture)}", flush=True)
 
 
-def keep_other_split(config: ExperimentConfig, split: str) -> None:
+def keep_other_split(folder: str, split: str, storage_config: StorageConfig | None) -> None:
     """A results.json scored on another split is renamed to results-<its split>.json (and .md), with a note."""
-    url = storage.join(config.run_dir, RESULTS)
-    if not storage.exists(url, config.storage):
+    url = storage.join(folder, RESULTS)
+    if not storage.exists(url, storage_config):
         return
-    previous = storage.read_json(url, config.storage)
+    previous = storage.read_json(url, storage_config)
     old_split = previous.get("header", {}).get("split") if isinstance(previous, dict) else None
     if old_split is None or old_split == split:  # unknown (an old list of rows) or the same split: replaced
         return
-    for name in (RESULTS, "results.md"):
-        old = storage.join(config.run_dir, name)
-        if storage.exists(old, config.storage):
-            kept = storage.join(config.run_dir, name.replace("results", f"results-{old_split}"))
-            storage.write_bytes(kept, storage.read_bytes(old, config.storage), config.storage)
+    for name in (RESULTS, "results.md", "results.png"):
+        old = storage.join(folder, name)
+        if storage.exists(old, storage_config):
+            kept = storage.join(folder, name.replace("results", f"results-{old_split}"))
+            storage.write_bytes(kept, storage.read_bytes(old, storage_config), storage_config)
     print(f"{storage.redact(url)} held scores on the {old_split!r} split; kept as results-{old_split}.json "
           f"before writing the {split!r} results", flush=True)
