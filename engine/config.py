@@ -79,8 +79,7 @@ def read_yaml(path: str, storage_config: StorageConfig | None = None) -> dict[st
     return raw
 
 
-def _describe(error: dict[str, Any], raw: dict[str, Any]) -> str:
-    key = config_key(error["loc"], raw)
+def _describe(error: dict[str, Any], key: str) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if not key:  # a check across sections names its keys itself
         return message
@@ -116,7 +115,8 @@ def first_error(err: ValidationError, raw: dict[str, Any]) -> tuple[str, str]:
     """(dotted key, one-line description) of a validation error's first problem, with a count of the rest."""
     errors = err.errors()
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return config_key(errors[0]["loc"], raw), _describe(errors[0], raw) + more
+    key = config_key(errors[0]["loc"], raw)
+    return key, _describe(errors[0], key) + more
 
 
 def validate(schema: type[ConfigT], raw: dict[str, Any], source: str, overrides: Sequence[str] = ()) -> ConfigT:
