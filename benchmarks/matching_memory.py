@@ -63,9 +63,9 @@ def child(args: argparse.Namespace) -> dict:
     """One (mode, N) measurement in this process; returns a JSON-able result."""
     import torch
 
-    from engine.distill.base import MethodSetup
+    from engine.distill.base import MethodSetup, init_synthetic
     from engine.distill.matching import match_trajectory
-    from engine.distill.mtt import MTT, init_synthetic
+    from engine.distill.mtt import MTT
     from engine.distill.mtt import Config as DistillConfig
     from engine.models import ModelSpec, build_model, get_flat, select_parameters
 
@@ -82,7 +82,7 @@ def child(args: argparse.Namespace) -> dict:
 
     def iteration(n: int) -> float:
         config = DistillConfig(ipc=args.ipc, syn_steps=n, gradient=mode, max_start_epoch=2)
-        synthetic = init_synthetic(real, labels, 10, config, 0.01, torch.Generator().manual_seed(0))
+        synthetic = init_synthetic(real, labels, 10, config.ipc, config.init, torch.Generator().manual_seed(0), 0.01)
         synthetic.images.requires_grad_(True)
         synthetic.alphas.requires_grad_(True)
         method = MTT(config, MethodSetup(model, names, device))

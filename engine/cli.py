@@ -17,9 +17,11 @@ from engine.errors import EngineError
 JOBS: dict[str, tuple[str, str]] = {
     "shard": ("jobs.shard", "write WebDataset shards + manifest from image folders, captions, videos or digits"),
     "data": ("jobs.data", "inspect shards: `distill data info <url>` prints counts and writes a sample grid"),
+    "select": ("jobs.select", "choose the training samples later stages use (BiLP: loss-based pruning)"),
     "buffer": ("jobs.buffer", "train N expert trajectories in parallel on Ray into a trajectory store"),
-    "distill": ("jobs.distill", "distil a synthetic set with distill.method (mtt, vl) at one size"),
-    "pipeline": ("jobs.pipeline", "buffer -> distill at every size -> evaluate against coresets, end to end"),
+    "distill": ("jobs.distill", "distil a synthetic set with distill.method (mtt, vl, dm) at one size"),
+    "pipeline": ("jobs.pipeline", "select -> buffer -> distill at every size -> evaluate, for the config and "
+                 "its variants"),
     "sweep": ("jobs.sweep", "search distillation hyper-parameters with Ray Tune (ASHA); best config as YAML"),
     "evaluate": ("jobs.evaluate", "train fresh networks on distilled sets and coresets; results.json + a table"),
 }

@@ -14,12 +14,13 @@ from typing import Any
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from engine import storage
-from engine.config import JobConfig, Section
+from engine.config import JobConfig, Section, with_overrides
 from engine.data.preprocess import PreprocessConfig
 from engine.data.shards import DataConfig
 from engine.data.writers import PrepareConfig
 from engine.distill import DISTILL_CONFIG, METHODS, DistillConfig
 from engine.distill.matching import TrajectoryMatchingConfig
+from engine.errors import ConfigError
 from engine.evaluate.train import TrainConfig
 from engine.labels import LABEL_SOURCES
 from engine.models.registry import ARCHITECTURES, LoraSpec, check_arguments, check_selection, declared_groups
@@ -27,6 +28,7 @@ from engine.resources import ResourcesConfig
 from engine.search import SweepConfig
 from engine.seeds import MAX_BASE_SEED, MAX_INDEX
 from engine.select import CORESETS
+from engine.select.bilp import SelectionConfig
 from engine.storage import PathOrURL
 from engine.trajectories.train import ExpertConfig
 
@@ -117,11 +119,25 @@ class PipelineConfig(Section):
         default_factory=dict, description="distill keys that differ at one size, e.g. {10: {syn_steps: 30}}."
     )
 
+    variants: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Further configurations distilled at the same sizes and evaluated in "
+        "the same table as distilled:<name>: name -> dotted keys that differ from this config, e.g. "
+        "{dm+bilp: {distill: {method: dm}, selection.method: loss}}. Each runs in <run_dir>/variants/<name> and "
+        "shares this config's shards and selections.")
+
     @field_validator("ipcs")
     @classmethod
     def _positive(cls, value: list[int]) -> list[int]:
         if not value or any(v < 1 for v in value):
             raise ValueError("must be a non-empty list of sizes >= 1")
+        return value
+
+    @field_validator("variants")
+    @classmethod
+    def _names(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        bad = [name for name in value if not name or "/" in name or name.startswith(".")]
+        if bad:
+            raise ValueError(f"variant names must be folder names, got {bad}")
         return value
 
 
@@ -150,6 +166,7 @@ class ExperimentConfig(JobConfig):
     distill: DistillConfig = Field(description="distill.method picks the method (mtt, vl, ...) and its keys.")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    selection: SelectionConfig = Field(default_factory=SelectionConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
 
@@ -185,7 +202,22 @@ class ExperimentConfig(JobConfig):
             self._check_window("distill", self.distill)
         for ipc in self.pipeline.per_ipc:
             self._check_window(f"pipeline.per_ipc.{ipc}", self.distill_for(ipc))  # now, not mid-pipeline
+        for name in self.pipeline.variants:
+            self.variant(name)  # each variant is a valid config, checked now
         return self
+
+    def variant(self, name: str) -> ExperimentConfig:
+        """The config of ``pipeline.variants[name]``: this one with the variant's keys, in its own folder."""
+        defaults = {"run_dir": storage.join(self.run_dir, "variants", name), "selection.dir": self.selection_dir,
+                    "pipeline.variants": {}}
+        try:
+            return with_overrides(self, {**defaults, **self.pipeline.variants[name]})
+        except ConfigError as err:
+            raise ValueError(f"pipeline.variants.{name}: {str(err).split(': ', 1)[-1]}") from None
+
+    @property
+    def selection_dir(self) -> str:
+        return self.selection.dir or storage.join(self.run_dir, "select")
 
     def _check_window(self, where: str, distill: DistillConfig) -> None:
         if isinstance(distill, TrajectoryMatchingConfig) and distill.expert_epochs_needed > self.experts.train.epochs:

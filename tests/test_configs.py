@@ -53,11 +53,13 @@ def shrink(raw: dict, root: Path) -> dict:
         pretrain["checkpoint"] = str(root / "tower.safetensors")
     raw["experts"] = dict(raw.get("experts", {}), num_experts=1)
     raw["experts"]["train"] = dict(raw["experts"].get("train", {}), epochs=2)
-    tiny = {"iterations": 2, "syn_steps": 2, "max_start_epoch": 1, "expert_epochs": 1, "checkpoint_every": 1,
-            "snapshot_every": 1}
-    raw["distill"] = dict(raw.get("distill", {}), **tiny)
+    raw["distill"] = tiny_distill(raw.get("distill", {}))
     pipeline = raw.setdefault("pipeline", {})
-    pipeline["per_ipc"] = {ipc: dict(values, **tiny) for ipc, values in pipeline.get("per_ipc", {}).items()}
+    pipeline["per_ipc"] = {ipc: tiny_distill({"method": raw["distill"].get("method"), **values}, keep_method=False)
+                           for ipc, values in pipeline.get("per_ipc", {}).items()}
+    pipeline["variants"] = {name: tiny_variant(values) for name, values in pipeline.get("variants", {}).items()}
+    if raw.get("selection"):
+        raw["selection"] = dict(raw["selection"], scoring_runs=1, scoring_epochs=1)
     evaluate = raw.setdefault("evaluate", {})
     evaluate.update(repeats=1, full_epochs=1)
     evaluate["train"] = dict(evaluate.get("train", {}), epochs=1)
@@ -65,6 +67,26 @@ def shrink(raw: dict, root: Path) -> dict:
         pipeline["ipcs"], evaluate["sizes"] = [4], [4, 8]
     raw["resources"] = {"use_ray": False}
     return raw
+
+
+def tiny_distill(distill: dict, keep_method: bool = True) -> dict:
+    """One tiny step of the section's method (trajectory matching or distribution matching)."""
+    tiny = {"iterations": 2, "checkpoint_every": 1, "snapshot_every": 1}
+    if distill.get("method", "mtt") == "dm":
+        tiny["batch_real"] = 8
+    else:
+        tiny |= {"syn_steps": 2, "max_start_epoch": 1, "expert_epochs": 1}
+    out = dict(distill, **tiny)
+    return out if keep_method else {k: v for k, v in out.items() if k != "method"}
+
+
+def tiny_variant(overrides: dict) -> dict:
+    """A pipeline variant with its own distill section cut to one tiny step too."""
+    if "distill" in overrides:
+        overrides = dict(overrides, distill=tiny_distill(overrides["distill"]))
+    if "pipeline.per_ipc" in overrides:
+        overrides = dict(overrides, **{"pipeline.per_ipc": {}})
+    return overrides
 
 
 def generated_sources(prepare: dict, data: dict, root: Path) -> dict:
@@ -100,6 +122,9 @@ def test_config_runs_end_to_end_on_generated_data(path, tmp_path):
     name = f"distilled:{config.distill.method}"
     assert {r["size"] for r in rows if r["method"] == name} == set(config.pipeline.ipcs)
     assert any(r["method"] == f"{name} (best val)" for r in rows)
-    coresets = {r["method"] for r in rows} - {name, f"{name} (best val)", "full"}
+    variants = {f"distilled:{v}" for v in config.pipeline.variants}
+    assert {r["method"] for r in rows if r["method"] in variants} == variants
+    coresets = {r["method"] for r in rows} - {name, f"{name} (best val)", "full"} - {
+        f"{v}{best}" for v in variants for best in ("", " (best val)")}
     assert coresets == set(config.evaluate.methods) - {"distilled"}
     assert json.loads((tmp_path / "run" / "results.json").read_text())["header"]["split"] == config.evaluate.split

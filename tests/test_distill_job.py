@@ -219,7 +219,8 @@ def load_initial_images(config: ExperimentConfig) -> torch.Tensor:
     ("distill.gradient=adjoint", r"distill\.gradient: Input should be 'unrolled' or 'exact'"),
     ("resources.distill_workers=2", r"distill_workers 2 runs data-parallel workers on Ray Train; it cannot be "
                                     r"combined with resources.use_ray false"),
-    ("distill.method=dm", r"distill: Input tag 'dm' found using 'method' does not match any of the expected tags"),
+    ("distill.method=gm", r"distill: Input tag 'gm' found using 'method' does not match any of the expected tags"),
+    ("distill.method=dm", r"distill\.expert_epochs: unknown key \(for dm\)"),
     ("distill.lr_text=5", r"distill\.lr_text: unknown key \(for mtt\)"),
     ("experts.record=lora+heads", r"experts.record 'lora\+heads': unknown part 'lora'; choose from all, heads, "
                                   r"head, encoder"),

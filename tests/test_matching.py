@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.distill.base import MethodSetup
+from engine.distill.base import MethodSetup, init_synthetic
 from engine.distill.matching import group_distance, match_trajectory
-from engine.distill.mtt import MTT, init_synthetic, soft_labels_from_expert
+from engine.distill.mtt import MTT, soft_labels_from_expert
 from engine.distill.mtt import Config as DistillConfig
 from engine.models import ModelSpec, build_model, get_flat, select_parameters
 from engine.models.functional import FunctionalModel
@@ -27,7 +27,7 @@ def problem_setup(labels: str, batch_syn: int | None, dsa: bool = True):
     real = torch.randn(40, 2, 8, 8, dtype=torch.float64)
     real_labels = torch.arange(4).repeat(10)
     gen = torch.Generator().manual_seed(1)
-    synthetic = init_synthetic(real, real_labels, 4, config, step_size=0.05, generator=gen)
+    synthetic = init_synthetic(real, real_labels, 4, config.ipc, config.init, gen, step_size=0.05)
     method = MTT(config, MethodSetup(model, names, torch.device("cpu")))
     start = get_flat(model, names)
     target = start + 0.05 * torch.randn(start.shape, dtype=torch.float64)

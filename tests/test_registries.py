@@ -26,7 +26,8 @@ def experiment(method: str, **distill) -> dict:
     return {"run_dir": "run", "data": {"shards": "shards"}, "model": OBJECTIVE_MODELS[objective],
             "experts": {"record": "heads" if objective == "contrastive" else "all",
                         "train": {"objective": objective, "epochs": 4}},
-            "distill": {"method": method, "max_start_epoch": 2, **distill}}
+            "distill": {"method": method, **({"max_start_epoch": 2} if METHODS[method].needs_trajectories else {}),
+                        **distill}}
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))

@@ -15,8 +15,8 @@ from engine.data.preprocess import PixelStatistics, Preprocess, PreprocessConfig
 from engine.data.shards import DataConfig
 from engine.data.stream import EpochOrder, EpochStream, StreamedImages
 from engine.data.writers import shard_dataset
+from engine.distill.base import init_synthetic
 from engine.distill.mtt import Config as MTTConfig
-from engine.distill.mtt import init_synthetic
 from engine.errors import DataError
 from engine.runtime.data import RayShardSource
 
@@ -109,9 +109,10 @@ def test_streamed_initialisation_and_coresets_pick_the_same_samples(digits_shard
                               (1, 8, 8))
     assert len(streamed) == len(in_memory) and streamed.shape == (500, 1, 8, 8)
     distill = MTTConfig(ipc=3, max_start_epoch=2)
-    from_memory = init_synthetic(in_memory.images.float() / 255, in_memory.labels, 10, distill, 0.01,
-                                 torch.Generator().manual_seed(4))
-    from_stream = init_synthetic(streamed, in_memory.labels, 10, distill, 0.01, torch.Generator().manual_seed(4))
+    from_memory = init_synthetic(in_memory.images.float() / 255, in_memory.labels, 10, distill.ipc, distill.init,
+                                 torch.Generator().manual_seed(4), 0.01)
+    from_stream = init_synthetic(streamed, in_memory.labels, 10, distill.ipc, distill.init,
+                                 torch.Generator().manual_seed(4), 0.01)
     torch.testing.assert_close(from_stream.images, from_memory.images, rtol=0, atol=0)
     positions = torch.tensor([499, 3, 3, 250])  # any order, repeats allowed
     torch.testing.assert_close(streamed[positions], in_memory.images[positions].float() / 255, rtol=0, atol=0)

@@ -17,7 +17,8 @@ The draw is split from its application so that trajectory matching can replay it
 ``sample`` takes a ``torch.Generator`` or an integer seed, so a draw is reproducible from an int
 alone, on any device (draws are made on the CPU and moved to the images' device). DSA's Siamese
 setting (the same augmentation for a real and a synthetic batch) is ``apply`` of one draw to both
-batches; that needs the same batch size, since the parameters are per sample.
+batches; the parameters are per sample, so a smaller batch takes the leading samples' values
+(``draw.first(n)``).
 
 ZCA whitening follows kornia's ``ZCAWhitening`` (what MTT uses): statistics in float64 on the
 flattened images, unbiased covariance, ``W = U diag(1/sqrt(S + eps)) U^T``.
@@ -77,6 +78,11 @@ class DSADraw:
 
     family: str
     values: dict[str, Tensor]
+
+    def first(self, n: int) -> DSADraw:
+        """The draw of the first ``n`` samples: DSA's Siamese setting for two batches of different sizes (a
+        real and a synthetic batch) is one draw for the larger, its leading samples' values for the other."""
+        return DSADraw(self.family, {k: v[:n] for k, v in self.values.items()})
 
 
 class DSA:

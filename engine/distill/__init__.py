@@ -8,16 +8,17 @@ from typing import Annotated
 
 from pydantic import Field, TypeAdapter
 
-from engine.distill import mtt, vl
+from engine.distill import dm, mtt, vl
 from engine.distill.base import DistillMethod
 
 METHODS: dict[str, type[DistillMethod]] = {
     "mtt": mtt.MTT,
     "vl": vl.VisionLanguage,
+    "dm": dm.DistributionMatching,
 }
 
 # The `distill` section: `method` picks the method and with it the keys that are allowed.
-DistillConfig = Annotated[mtt.Config | vl.Config, Field(discriminator="method")]
+DistillConfig = Annotated[mtt.Config | vl.Config | dm.Config, Field(discriminator="method")]
 DISTILL_CONFIG = TypeAdapter(DistillConfig)
 
 __all__ = ["DISTILL_CONFIG", "METHODS", "DistillConfig"]

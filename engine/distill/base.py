@@ -9,6 +9,7 @@ checks, checkpoint/resume, snapshots, the all-reduce across data-parallel worker
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol
 
@@ -20,6 +21,7 @@ from engine.config import Section
 from engine.data.augment import DEFAULT_STRATEGY, DSAStrategy
 from engine.data.stream import StreamedImages
 from engine.distill.synthetic import SyntheticSet
+from engine.errors import DataError
 
 
 class CommonDistillConfig(Section):
@@ -74,6 +76,8 @@ class TrainData:
     caption_features: Tensor | None = None  # (Ncap, D) image-text data: every training caption's feature
     caption_image: Tensor | None = None  # (Ncap,) the image of each caption
     captions: list[str] = field(default_factory=list)  # the training captions, flat (display only)
+    keys: list[str] | None = None  # sample keys in the same order (None: positions)
+    shuffle_buffer: int = 10_000  # methods that read the stream again (DM's real batches): its shuffle window
 
     @property
     def num_classes(self) -> int:
@@ -90,6 +94,7 @@ class MethodSetup:
     store: Any = None  # the trajectory store (methods with needs_trajectories)
     step_size: float = 0.01  # the initial student step size (lr_teacher or the experts' lr)
     temperature: float = 0.07  # the experts' InfoNCE temperature (contrastive models)
+    fresh_model: Callable[[int], nn.Module] | None = None  # seed -> a freshly initialised network (DM)
 
 
 class DistillMethod(Protocol):
@@ -118,3 +123,30 @@ class DistillMethod(Protocol):
     def describe(self, synthetic: SyntheticSet, data: TrainData) -> tuple[dict[str, Any], list[str] | None]:
         """Extra manifest entries and, for image-text sets, the caption shown beside each image."""
         ...
+
+
+def class_indices(labels: Tensor, ipc: int, generator: torch.Generator, num_classes: int) -> Tensor:
+    """``ipc`` random indices of each class, class after class (the synthetic set's layout)."""
+    chosen = []
+    for c in range(num_classes):
+        members = (labels == c).nonzero().flatten()
+        if len(members) < ipc:
+            raise DataError(f"class {c} has {len(members)} training samples, fewer than ipc {ipc}")
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:ipc]])
+    return torch.cat(chosen)
+
+
+def init_synthetic(images: Tensor | StreamedImages, labels: Tensor, num_classes: int, ipc: int,
+                   init: Literal["real", "noise"], generator: torch.Generator,
+                   step_size: float | None = None) -> SyntheticSet:
+    """Images from ``ipc`` random real samples per class (or unit noise), hard labels, one learnable step
+    size α = ``step_size`` (None: a method without one). ``images`` may be the split streamed: only the
+    chosen samples are fetched, the same ones."""
+    index = class_indices(labels, ipc, generator, num_classes)
+    if init == "real":
+        syn_images = images[index].clone()
+    else:
+        syn_images = torch.randn((len(index), *images.shape[1:]), generator=generator).to(labels.device)
+    syn_labels = torch.arange(num_classes, device=labels.device).repeat_interleave(ipc)
+    alphas = torch.tensor([] if step_size is None else [step_size], dtype=syn_images.dtype, device=syn_images.device)
+    return SyntheticSet(syn_images, alphas, syn_labels)

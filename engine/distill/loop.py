@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -73,6 +74,7 @@ class Distiller:
         self.history: list[dict[str, float]] = []  # mean loss per checkpoint interval
         self.losses: list[float] = []  # every iteration's
         self.skipped = 0  # iterations above distill.skip_loss_above, which updated nothing
+        self.seconds = 0.0  # wall time of the iterations, over every resumption
         self._interval_losses: list[float] = []
 
     # --- one iteration ---------------------------------------------------------------------------
@@ -116,6 +118,7 @@ class Distiller:
         bar = progress_of(range(self.iteration, self.config.iterations), desc="distill", total=self.config.iterations,
                           initial=self.iteration, enabled=progress and self.rank == 0)
         for iteration in bar:
+            started = time.perf_counter()
             loss, grads = self.gradients(iteration)
             self.check(iteration, loss, grads)
             if self.config.skip_loss_above is None or loss <= self.config.skip_loss_above:
@@ -123,6 +126,7 @@ class Distiller:
             else:
                 self.skipped += 1
             self.iteration = iteration + 1
+            self.seconds += time.perf_counter() - started
             self._interval_losses.append(loss)
             self.losses.append(loss)
             bar.set_postfix(loss=f"{loss:.4f}")
@@ -163,7 +167,8 @@ class Distiller:
         if self.ema is not None:
             tensors["ema"] = self.ema.cpu().contiguous()
         info = {"iteration": self.iteration, "config": self._config_json(), "history": self.history,
-                "losses": self.losses, "skipped": self.skipped}
+                "losses": self.losses, "skipped": self.skipped, "seconds": self.seconds,
+                "method_state": self.method_state()}
         data = save_safetensors(tensors, metadata={"checkpoint": json.dumps(info, sort_keys=True)})
         storage.write_bytes(storage.join(self.out_url, CHECKPOINT_NAME), data, self.storage_config)
 
@@ -198,3 +203,10 @@ class Distiller:
         self.history = list(info["history"])
         self.losses = list(info.get("losses", []))  # checkpoints before per-iteration losses: the intervals only
         self.skipped = int(info.get("skipped", 0))
+        self.seconds = float(info.get("seconds", 0.0))
+        if info.get("method_state") and hasattr(self.method, "load_state"):
+            self.method.load_state(info["method_state"])
+
+    def method_state(self) -> dict:
+        """What a method keeps across iterations besides the synthetic set (BiLP's pruned samples), as JSON."""
+        return self.method.state() if hasattr(self.method, "state") else {}

@@ -20,7 +20,7 @@ from pydantic import Field
 from torch import Tensor
 
 from engine.data.stream import StreamedImages
-from engine.distill.base import OuterSGD, TrainData
+from engine.distill.base import OuterSGD, TrainData, init_synthetic
 from engine.distill.matching import TrajectoryMatching, TrajectoryMatchingConfig
 from engine.distill.synthetic import SyntheticSet
 from engine.errors import DataError
@@ -64,37 +64,13 @@ class MTT(TrajectoryMatching):
         if config.labels == "soft":
             return datm_init(data.images, data.labels, data.num_classes, config, step_size, generator, self.student,
                              self.segments.finals())
-        synthetic = init_synthetic(data.images, data.labels, data.num_classes, config, step_size, generator)
+        synthetic = init_synthetic(data.images, data.labels, data.num_classes, config.ipc, config.init, generator,
+                                   step_size)
         if config.labels == "soft_first_expert":
             expert = self.segments.flat(self.segments.experts[0],
                                         min(config.max_start_epoch, self.segments.store.num_epochs))
             synthetic.labels = soft_labels_from_expert(synthetic, self.student, expert)
         return synthetic
-
-
-def class_indices(labels: Tensor, ipc: int, generator: torch.Generator, num_classes: int) -> Tensor:
-    """``ipc`` random indices of each class, class after class (the synthetic set's layout)."""
-    chosen = []
-    for c in range(num_classes):
-        members = (labels == c).nonzero().flatten()
-        if len(members) < ipc:
-            raise DataError(f"class {c} has {len(members)} training samples, fewer than ipc {ipc}")
-        chosen.append(members[torch.randperm(len(members), generator=generator)[:ipc]])
-    return torch.cat(chosen)
-
-
-def init_synthetic(images: Tensor | StreamedImages, labels: Tensor, num_classes: int, config: Config,
-                   step_size: float, generator: torch.Generator) -> SyntheticSet:
-    """Images from ``ipc`` random real samples per class (or unit noise), hard labels, α = ``step_size``.
-    ``images`` may be the split streamed: only the chosen samples are fetched, the same ones."""
-    index = class_indices(labels, config.ipc, generator, num_classes)
-    if config.init == "real":
-        syn_images = images[index].clone()
-    else:
-        syn_images = torch.randn((len(index), *images.shape[1:]), generator=generator).to(labels.device)
-    syn_labels = torch.arange(num_classes, device=labels.device).repeat_interleave(config.ipc)
-    alphas = torch.tensor([step_size], dtype=syn_images.dtype, device=syn_images.device)
-    return SyntheticSet(syn_images, alphas, syn_labels)
 
 
 @torch.no_grad()

@@ -62,7 +62,7 @@ class SyntheticSet:
     learnable soft-label logits. ``text`` (M, D): learnable text vectors of image-text pairs."""
 
     images: Tensor  # (M, C, H, W) model-input space
-    alphas: Tensor  # (G,) learnable student step sizes, one per parameter group
+    alphas: Tensor  # (G,) learnable student step sizes, one per parameter group; (0,) for methods without
     labels: Tensor | None = None
     text: Tensor | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
@@ -81,7 +81,7 @@ class SyntheticSet:
             out["labels"] = self.labels
         if self.text is not None:
             out["text"] = self.text
-        return out | {"alphas": self.alphas}
+        return out | ({"alphas": self.alphas} if self.alphas.numel() else {})
 
     def tensors(self) -> dict[str, Tensor]:
         out = {"images": self.images, "alphas": self.alphas}

@@ -35,6 +35,7 @@ class EvaluatedSet:
     epochs: int
     details: dict[str, Any] = field(default_factory=dict)  # shown in the row: lr values, snapshot iteration...
     stream: Callable[[int], Batches] | None = None
+    task: Task | None = None  # scored by this task instead of the loop's (a set in another input transform)
 
     def data(self, seed: int) -> Batches | tuple[Tensor, Tensor]:
         return self.stream(seed) if self.stream is not None else (self.images, self.targets)
@@ -56,7 +57,7 @@ def evaluate_sets(task: Task, sets: Iterable[EvaluatedSet], train: TrainConfig, 
     """Rows for every set, yielded as they are measured."""
     for evaluated in sets:
         config = train.model_copy(update={"epochs": evaluated.epochs})
-        scores = score_set(task, evaluated.data, config, evaluated.lr, seeds)
+        scores = score_set(evaluated.task or task, evaluated.data, config, evaluated.lr, seeds)
         shown = "  ".join(f"{m} {scores[m].mean:6.2f}" + (f" ± {scores[m].std:.2f}" if len(scores) == 1 else "")
                           for m in task.metrics)
         log(f"  {evaluated.method:<26} {evaluated.size:>5}  {shown}")
@@ -77,9 +78,22 @@ def results_table(rows: list[dict[str, Any]]) -> str:
     """Markdown, ``mean ± std``: one metric (accuracy) -> a row per method and a column per size;
     several (retrieval recalls) -> a row per (method, size) and a column per metric."""
     metrics = list(dict.fromkeys(r["metric"] for r in rows))
-    if len(metrics) > 1:
-        return _metric_columns(rows, metrics)
-    return _size_columns(rows)
+    table = _metric_columns(rows, metrics) if len(metrics) > 1 else _size_columns(rows)
+    return table + _time_columns(rows)
+
+
+def _time_columns(rows: list[dict[str, Any]]) -> str:
+    """The wall time of each distillation (rows that carry ``distill_seconds``), a column per size."""
+    timed = {(r["method"], r["size"]): r["distill_seconds"] for r in rows if "distill_seconds" in r}
+    if not timed:
+        return ""
+    sizes = sorted({size for _, size in timed})
+    lines = ["", "| distillation wall time (s): method | " + " | ".join(f"size {s}" for s in sizes) + " |",
+             "|" + "---|" * (len(sizes) + 1)]
+    for method in dict.fromkeys(method for method, _ in timed):
+        cells = [f"{timed[method, s]:.0f}" if (method, s) in timed else "" for s in sizes]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _metric_columns(rows: list[dict[str, Any]], metrics: list[str]) -> str:

@@ -31,8 +31,8 @@ class LocalRuntime:
         return load_in_memory(data, storage_config)
 
     def source(self, data: DataConfig, storage_config: StorageConfig | None = None,
-               columns: Sequence[str] | None = None) -> ShardSource:
-        return local_source(data, storage_config, columns)
+               columns: Sequence[str] | None = None, keep: frozenset[str] | None = None) -> ShardSource:
+        return local_source(data, storage_config, columns, keep)
 
     def train_experts(self, plan: ExpertPlan, expert_ids: Sequence[int], progress: Progress) -> None:
         for expert_id in expert_ids:
@@ -60,12 +60,12 @@ class RayRuntime:
         return materialize(data, storage_config)
 
     def source(self, data: DataConfig, storage_config: StorageConfig | None = None,
-               columns: Sequence[str] | None = None) -> ShardSource:
+               columns: Sequence[str] | None = None, keep: frozenset[str] | None = None) -> ShardSource:
         from engine.runtime.cluster import init_ray
         from engine.runtime.data import RayShardSource
 
         init_ray(self.resources)
-        source = RayShardSource(data, storage_config, columns)
+        source = RayShardSource(data, storage_config, columns, keep)
         if source.cached:
             source.fill_cache()  # now, while the CPUs are free: workers started later only read it
         return source

@@ -56,22 +56,18 @@ def read_shard_set(
     *,
     columns: Sequence[str] | None = None,
     preserve_order: bool = False,
-    within_cpus: float | None = None,
+    keep: frozenset[str] | None = None,
 ) -> ray.data.Dataset:
     """``read_shards`` for shards already resolved (or a subset of them: ``replace(shard_set, urls=...)``).
     ``preserve_order``: samples come out shard after shard in the order of ``shard_set.urls``, each in tar
-    order, though shards are read and decoded in parallel. ``within_cpus``: the reading and decoding tasks
-    reserve no CPUs of their own and at most that many run at once — the CPUs of the worker that consumes
-    them, which holds them already (an expert's Train worker: tasks that asked for CPUs of their own
-    would wait forever once every CPU is held by an expert)."""
+    order, though shards are read and decoded in parallel. ``keep``: only samples with these keys."""
     import ray.data
 
     modality = shard_set.modality
     columns = check_columns(columns or columns_for(modality, config.tokenizer), modality, config.tokenizer)
-    decoder = SampleDecoder(config, columns)
+    decoder = SampleDecoder(config, columns, keep)
     fs, _ = storage.filesystem(shard_set.shards_url, storage_config)
     remote = storage.is_remote(shard_set.shards_url)
-    tasks = {"num_cpus": 0, "concurrency": max(1, int(within_cpus))} if within_cpus else {}
     raw = ray.data.read_webdataset(
         [storage.filesystem(url, storage_config)[1] for url in shard_set.urls],
         filesystem=fs if remote else None,
@@ -80,10 +76,8 @@ def read_shard_set(
         filerename=canonical_member_name,
         suffixes=decoder.member_kinds,
         override_num_blocks=len(shard_set.urls),
-        **tasks,
     )
-    dataset = raw.map_batches(decoder, batch_format="numpy", batch_size=decoder.batch_size, zero_copy_batch=True,
-                              **tasks)
+    dataset = raw.map_batches(decoder, batch_format="numpy", batch_size=decoder.batch_size, zero_copy_batch=True)
     dataset.context.execution_options.preserve_order = preserve_order
     return dataset
 
@@ -204,14 +198,24 @@ def count_samples(
 
 
 class RayShardSource:
-    """Decoded shards through Ray (``engine.data.stream.ShardSource``). Without the cache, Ray Data reads and
-    decodes the asked shards in parallel and streams them in the asked order; with it (``data.cache``),
-    one Ray task per shard decodes it once and the result stays in the object store: every expert trial
-    on the cluster reads it from there, none decodes it again, and no process holds more than a shard."""
+    """Decoded shards through Ray (``engine.data.stream.ShardSource``).
+
+    - With the cache (``data.cache``), one Ray task per shard decodes it once and the result stays in the
+      object store: every expert trial on the cluster reads it from there, none decodes it again, and no
+      process holds more than a shard.
+    - Without it, a driver's pass (the input-transform fit, coreset embeddings...) has Ray Data read and
+      decode the shards in parallel across the cluster, streamed in the asked order.
+    - Without it, inside a worker that holds CPUs (an expert's Ray Train worker or trial), the worker
+      decodes its shards itself on as many threads as it holds CPUs. A Ray Data executor there would start
+      read and decode tasks that either ask for CPUs of their own — which never come once every CPU is
+      held by an expert — or, asking for none, run in extra worker processes outside the expert's resources
+      (more processes, more memory, CPUs oversubscribed). Decoding in the worker keeps an expert to its own
+      process and its own CPUs.
+    """
 
     def __init__(self, config: DataConfig, storage_config: StorageConfig | None = None,
-                 columns: Sequence[str] | None = None):
-        self.config, self.storage_config = config, storage_config
+                 columns: Sequence[str] | None = None, keep: frozenset[str] | None = None):
+        self.config, self.storage_config, self.keep = config, storage_config, keep
         self.shard_set = resolve_shards(config.shards, config.split, storage_config)
         self.columns = tuple(columns or columns_for(self.shard_set.modality, config.tokenizer))
         self.urls = {url.rsplit("/", 1)[-1]: url for url in self.shard_set.urls}
@@ -234,7 +238,7 @@ class RayShardSource:
         for name in self.urls:
             if name not in self._refs:
                 self._refs[name] = decode.remote(self.config, self.storage_config, self.columns, self.shard_set,
-                                                 self.urls[name])
+                                                 self.urls[name], self.keep)
         with shard_errors():
             ray.get(list(self._refs.values()))
 
@@ -247,9 +251,14 @@ class RayShardSource:
                 with shard_errors():
                     yield from ray.get(self._refs[name])
             return
+        if cpus := held_cpus():
+            reader = ShardReader(self.config, self.storage_config, self.columns, self.shard_set, threads=int(cpus),
+                                 keep=self.keep)
+            yield from reader.decoded(names)
+            return
         shard_set = replace(self.shard_set, urls=[self.urls[name] for name in names])
         dataset = read_shard_set(shard_set, self.config, self.storage_config, columns=self.columns,
-                                 preserve_order=True, within_cpus=held_cpus())
+                                 preserve_order=True, keep=self.keep)
         with shard_errors():
             yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
 
@@ -266,7 +275,7 @@ def held_cpus() -> float:
 
 
 def _decode_shard(config: DataConfig, storage_config: StorageConfig | None, columns: Sequence[str],
-                  shard_set: ShardSet, url: str) -> list[dict[str, np.ndarray]]:
+                  shard_set: ShardSet, url: str, keep: frozenset[str] | None) -> list[dict[str, np.ndarray]]:
     """One shard's samples decoded (a Ray task of the cache): chunks of columns, in tar order."""
-    reader = ShardReader(config, storage_config, columns, replace(shard_set, urls=[url]))
+    reader = ShardReader(config, storage_config, columns, replace(shard_set, urls=[url]), keep=keep)
     return list(reader.decoded(reader.shard_names()))

@@ -48,4 +48,7 @@ CORESETS: dict[str, Callable[[int, CoresetInputs, torch.Generator], Tensor]] = {
     "forgetting": forgetting,
 }
 
-__all__ = ["CORESETS", "CoresetInputs"]
+# Coresets that look at an expert's embeddings: evaluating them needs a trajectory store.
+NEEDS_EXPERT = frozenset({"herding", "kcenter"})
+
+__all__ = ["CORESETS", "NEEDS_EXPERT", "CoresetInputs"]

@@ -29,8 +29,9 @@ class Runtime(Protocol):
         ...
 
     def source(self, data: DataConfig, storage_config: StorageConfig | None = None,
-               columns: Sequence[str] | None = None) -> ShardSource:
-        """A split's decoded shards for streams (``engine.data.stream``): the training split, never held whole."""
+               columns: Sequence[str] | None = None, keep: frozenset[str] | None = None) -> ShardSource:
+        """A split's decoded shards for streams (``engine.data.stream``): the training split, never held whole;
+        ``keep``: only the samples with these keys (a kept subset) are decoded."""
         ...
 
     def train_experts(self, plan: ExpertPlan, expert_ids: Sequence[int],

@@ -17,9 +17,7 @@ from typing import Any
 from engine import storage
 from engine.config import to_yaml
 from engine.data.manifest import ShardManifest
-from engine.data.preprocess import FILE_NAME as PREPROCESS_FILE
 from engine.data.preprocess import Preprocess
-from engine.data.stream import EpochOrder, EpochStream, images_of
 from engine.experiment import ExperimentConfig
 from engine.models.registry import ModelSpec
 from engine.stages import Runtime
@@ -27,9 +25,11 @@ from engine.stages.context import (
     caption_features_of,
     caption_table,
     data_fingerprint,
+    fitted_preprocess,
     load_split,
     model_spec,
     prepare_data,
+    split_source,
 )
 from engine.stages.pretrain import ensure_tower
 from engine.trajectories.experts import EvalData, ExpertPlan, TrainingData, open_store
@@ -39,12 +39,12 @@ POLL_SECONDS = 5.0
 
 def build_plan(config: ExperimentConfig, manifest: ShardManifest, spec: ModelSpec,
                runtime: Runtime) -> tuple[ExpertPlan, Preprocess]:
-    """Everything an expert needs: the training split as a stream (its input transform fitted in one
-    streamed pass), the validation split in memory (it is small), caption features for image-text data."""
+    """Everything an expert needs: the training split as a stream (only the kept samples when data selection
+    keeps a subset; the input transform fitted in one streamed pass the first time), the validation split in
+    memory (it is small), caption features for image-text data."""
     media = "video" if manifest.modality == "video" else "image"
-    source = runtime.source(config.data, config.storage, (media, "label", "key"))
-    preprocess = Preprocess.fit_stream((images_of(batch) for batch in EpochStream(source, EpochOrder(0), 512)),
-                                       config.preprocess)
+    source = split_source(config, manifest, config.data.split, runtime, (media, "label", "key"))
+    preprocess = fitted_preprocess(config, manifest, runtime)
     val = load_split(config, config.experts.val_split, runtime) if config.experts.val_split else None
     captions = None
     if manifest.modality == "image-text":
@@ -80,10 +80,8 @@ def run(config: ExperimentConfig, runtime: Runtime) -> dict[str, Any]:
     ensure_tower(config, runtime)  # image-text configs: the pre-trained image tower, trained once and cached
     manifest = prepare_data(config)
     spec = model_spec(config, manifest)
-    plan, preprocess = build_plan(config, manifest, spec, runtime)
+    plan, _ = build_plan(config, manifest, spec, runtime)  # the input transform is saved beside the store
     store = open_store(plan)
-    if not storage.exists(storage.join(store.url, PREPROCESS_FILE), config.storage):
-        preprocess.save(store.url, config.storage)  # what distillation and evaluation feed models
     num = config.experts.num_experts
     started = time.time()
     already = [i for i in store.experts() if i < num]

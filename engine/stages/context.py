@@ -4,7 +4,10 @@ input transform, caption features, and where each size's distilled set lives."""
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -13,9 +16,10 @@ from torch import Tensor
 from engine import storage
 from engine.data.manifest import ShardManifest
 from engine.data.memory import InMemoryData
+from engine.data.preprocess import FILE_NAME as PREPROCESS_FILE
 from engine.data.preprocess import Preprocess
 from engine.data.shards import DataConfig
-from engine.data.stream import EpochOrder, EpochStream, StreamedImages
+from engine.data.stream import EpochOrder, EpochStream, ShardSource, StreamedImages, images_of
 from engine.data.text_features import CaptionFeatures, CaptionTable, caption_features
 from engine.data.writers import ensure_shards
 from engine.distill.base import TrainData
@@ -24,6 +28,7 @@ from engine.errors import ConfigError, DataError
 from engine.experiment import ExperimentConfig, ModelConfig
 from engine.models.clip import text_settings
 from engine.models.registry import ARCHITECTURES, ModelSpec
+from engine.select.subset import KeptSamples, Subset
 from engine.stages import Runtime
 
 
@@ -56,15 +61,68 @@ def model_spec_for(model: ModelConfig, data: DataConfig, manifest: ShardManifest
     return ModelSpec.create(model.arch, lora=model.lora, **kwargs)
 
 
-def data_fingerprint(config: ExperimentConfig, manifest: ShardManifest) -> str:
-    """What the experts were trained on: the shards' content, the split and how samples were decoded
-    (frames of clips; captions kept and tokenizer for image-text data)."""
+def data_fingerprint(config: ExperimentConfig, manifest: ShardManifest, *, whole_split: bool = False) -> str:
+    """What the experts were trained on: the shards' content, the split, how samples were decoded (frames of
+    clips; captions kept and tokenizer for image-text data) and the kept subset, if data selection keeps one
+    (``whole_split``: the split before selection)."""
     p, d = config.preprocess, config.data
     transform = ("norm" if p.normalize else "raw") + (f"+zca{p.zca_eps:g}" if p.zca else "")
     frames = f":{d.frames}f" if manifest.modality == "video" else ""
     captions = f":{d.max_captions}cap:{d.tokenizer or 'no-tokenizer'}" if manifest.modality == "image-text" else ""
+    kept = f":kept-{kept_subset(config, manifest).fingerprint}" if config.selection.active and not whole_split else ""
     return (f"{manifest.fingerprint()}:{d.split}:{d.image_size}px{frames}:"
-            f"{d.channels}ch:{d.resize}:{transform}{captions}")
+            f"{d.channels}ch:{d.resize}:{transform}{captions}{kept}")
+
+
+def selection_folder(config: ExperimentConfig, manifest: ShardManifest) -> str:
+    """Where a selector's scores and kept subsets live: one folder per way of scoring (selector, runs, epochs,
+    the epoch scored, seed, model, recipe and the whole split's data), shared by every keep ratio."""
+    sel = config.selection
+    how = {"method": sel.method, "seed": sel.seed, "data": data_fingerprint(config, manifest, whole_split=True)}
+    name = sel.method
+    if sel.method == "loss":
+        how |= {"runs": sel.scoring_runs, "epochs": sel.scoring_epochs, "epoch": sel.score_epoch,
+                "model": model_spec(config, manifest).model_dump(mode="json"),
+                "train": config.experts.train.model_dump(mode="json")}
+        name = f"loss-{sel.scoring_runs}x{sel.scoring_epochs}-epoch{sel.score_epoch}"
+    digest = hashlib.sha256(json.dumps(how, sort_keys=True).encode()).hexdigest()[:8]
+    return storage.join(config.selection_dir, f"{name}-{digest}")
+
+
+def subset_url(config: ExperimentConfig, manifest: ShardManifest) -> str:
+    return storage.join(selection_folder(config, manifest), f"kept-{config.selection.keep_ratio:g}.json")
+
+
+def kept_subset(config: ExperimentConfig, manifest: ShardManifest) -> Subset:
+    """The kept subset the config's selection names (``distill select`` writes it)."""
+    return Subset.load(subset_url(config, manifest), config.storage)
+
+
+def split_source(config: ExperimentConfig, manifest: ShardManifest, split: str, runtime: Runtime,
+                 columns: Sequence[str]) -> ShardSource:
+    """A split's decoded shards for streams; the training split only with the samples data selection keeps."""
+    data = config.data.model_copy(update={"split": split})
+    if split != config.data.split or not config.selection.active:
+        return runtime.source(data, config.storage, columns)
+    subset = kept_subset(config, manifest)
+    source = runtime.source(data, config.storage, columns, keep=subset.keys)
+    counts = subset.counts_on(manifest.fingerprint(), source.shard_names(),
+                              lambda: runtime.source(data, config.storage, ("key", "shard")))
+    return KeptSamples(source, subset.keys, counts)
+
+
+def fitted_preprocess(config: ExperimentConfig, manifest: ShardManifest, runtime: Runtime) -> Preprocess:
+    """The input transform saved beside the trajectories, or, the first time, fitted in one streamed pass
+    over the training samples the config reads (the kept subset, when data selection keeps one: pruned
+    samples inform nothing, not even the normalisation) and saved there."""
+    if storage.exists(storage.join(config.store_url, PREPROCESS_FILE), config.storage):
+        return load_preprocess(config)
+    media = "video" if manifest.modality == "video" else "image"
+    source = split_source(config, manifest, config.data.split, runtime, (media,))
+    preprocess = Preprocess.fit_stream((images_of(b) for b in EpochStream(source, EpochOrder(0), 512)),
+                                       config.preprocess)
+    preprocess.save(config.store_url, config.storage)
+    return preprocess
 
 
 def load_split(config: ExperimentConfig, split: str, runtime: Runtime) -> InMemoryData:
@@ -90,9 +148,10 @@ def caption_features_of(config: ExperimentConfig, manifest: ShardManifest, spec:
     return caption_features(settings.load, settings.key(), captions, cache, fingerprint, split, config.storage)
 
 
-def split_captions(config: ExperimentConfig, split: str, runtime: Runtime) -> tuple[list[str], list[list[str]]]:
+def split_captions(config: ExperimentConfig, manifest: ShardManifest, split: str,
+                   runtime: Runtime) -> tuple[list[str], list[list[str]]]:
     """(sample keys, captions of each) of a split in its order, streamed: no image is decoded."""
-    source = runtime.source(config.data.model_copy(update={"split": split}), config.storage, ("key", "captions"))
+    source = split_source(config, manifest, split, runtime, ("key", "captions"))
     keys: list[str] = []
     captions: list[list[str]] = []
     for batch in EpochStream(source, EpochOrder(0), 4096):
@@ -104,7 +163,7 @@ def split_captions(config: ExperimentConfig, split: str, runtime: Runtime) -> tu
 def caption_table(config: ExperimentConfig, manifest: ShardManifest, spec: ModelSpec, split: str,
                   runtime: Runtime) -> CaptionTable:
     """Caption features of a split by sample key, for streams that expand images into (image, caption) rows."""
-    keys, captions = split_captions(config, split, runtime)
+    keys, captions = split_captions(config, manifest, split, runtime)
     return CaptionTable.of(keys, caption_features_of(config, manifest, spec, captions, split))
 
 
@@ -120,22 +179,24 @@ class StreamedSplit:
 
 def streamed_split(config: ExperimentConfig, manifest: ShardManifest, split: str, runtime: Runtime,
                    preprocess: Preprocess) -> StreamedSplit:
-    data = config.data.model_copy(update={"split": split})
+    data = config.data
     media = "video" if manifest.modality == "video" else "image"
-    source = runtime.source(data, config.storage, (media, "label", "key"))
-    index = list(EpochStream(runtime.source(data, config.storage, ("key", "label")), EpochOrder(0), 4096))
+    source = split_source(config, manifest, split, runtime, (media, "label", "key"))
+    index = list(EpochStream(split_source(config, manifest, split, runtime, ("key", "label")), EpochOrder(0), 4096))
     shape = (data.channels, data.image_size, data.image_size)
     images = StreamedImages(source, preprocess.apply, (data.frames, *shape) if media == "video" else shape)
     return StreamedSplit(images, torch.cat([b["label"] for b in index]), [str(k) for b in index for k in b["key"]])
 
 
-def train_data(config: ExperimentConfig, manifest: ShardManifest, spec: ModelSpec, runtime: Runtime) -> TrainData:
+def train_data(config: ExperimentConfig, manifest: ShardManifest, spec: ModelSpec, runtime: Runtime,
+               preprocess: Preprocess) -> TrainData:
     """The training split for a method's initialisation: streamed images in the store's input transform,
     labels, and for image-text data the features of every caption (held: they are small)."""
-    split = streamed_split(config, manifest, config.data.split, runtime, load_preprocess(config))
-    data = TrainData(split.images, split.labels, manifest.class_names)
+    split = streamed_split(config, manifest, config.data.split, runtime, preprocess)
+    data = TrainData(split.images, split.labels, manifest.class_names, keys=split.keys,
+                     shuffle_buffer=config.data.shuffle_buffer)
     if manifest.modality == "image-text":
-        keys, captions = split_captions(config, config.data.split, runtime)
+        keys, captions = split_captions(config, manifest, config.data.split, runtime)
         pairs = caption_features_of(config, manifest, spec, captions, config.data.split)
         data.caption_features, data.caption_image = pairs.features, pairs.image_index
         data.captions = [c for per_image in captions for c in per_image]

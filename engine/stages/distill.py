@@ -13,7 +13,7 @@ worker's device the same way.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -28,12 +28,13 @@ from engine.distill.synthetic import SyntheticSet, save_outputs
 from engine.experiment import ExperimentConfig
 from engine.models.params import full_matching_size, select_parameters
 from engine.models.registry import ModelSpec, build_model
+from engine.optim import build_seeded
 from engine.plots import loss_png
 from engine.stages import Runtime
 from engine.stages.context import (
     data_fingerprint,
     distill_dir,
-    load_preprocess,
+    fitted_preprocess,
     model_spec,
     prepare_data,
     train_data,
@@ -69,12 +70,12 @@ class DistillWorker:
         model, names = build_shared_frozen(self.spec, self.record, frozen_seed=self.frozen_seed, seed=self.frozen_seed)
         store = TrajectoryStore.open(self.store_url, self.storage_config) if method_class.needs_trajectories else None
         step_size = getattr(self.distill, "lr_teacher", None) or (float(store.manifest.hparams["lr"]) if store else 0.0)
-        setup = MethodSetup(model.to(device), names, device, store, step_size, self.temperature)
+        setup = MethodSetup(model.to(device), names, device, store, step_size, self.temperature,
+                            fresh_model=lambda seed: build_seeded(lambda: build_model(self.spec), seed))
         method = method_class(self.distill, setup)
-        data = TrainData(self.data.images.to(device), self.data.labels.to(device), self.data.class_names,
-                         *(None if t is None else t.to(device) for t in (self.data.caption_features,
-                                                                          self.data.caption_image)),
-                         self.data.captions)
+        data = replace(self.data, images=self.data.images.to(device), labels=self.data.labels.to(device),
+                       **{name: None if t is None else t.to(device) for name, t in (
+                           ("caption_features", self.data.caption_features), ("caption_image", self.data.caption_image))})
         synthetic = method.init(data, torch.Generator().manual_seed(self.distill.seed))
         synthetic.metadata = {**self.describe_run(store), **synthetic.metadata, "record": self.record,
                               "full_matching_parameters": full_matching_size(model)}
@@ -100,7 +101,7 @@ class DistillWorker:
         result = distiller.result()
         extra, shown = distiller.method.describe(result, self.data)
         result.metadata |= extra | {"iterations": distiller.iteration, "skipped_iterations": distiller.skipped,
-                                    "loss_history": distiller.history}
+                                    "seconds": round(distiller.seconds, 2), "loss_history": distiller.history}
         save_outputs(result, self.out_url, self.preprocess, self.data.class_names, self.storage_config, shown)
         curve = storage.join(self.out_url, "loss.png")
         title = f"{self.distill.method}, {self.distill.ipc} per class" if self.data.class_names else self.distill.method
@@ -121,10 +122,11 @@ def prepare(config: ExperimentConfig, distill: DistillConfig, runtime: Runtime,
         names = select_parameters(model, config.experts.record)
         TrajectoryStore.open(config.store_url, config.storage).check_compatible(
             spec, {n: params[n] for n in names}, fingerprint=fingerprint)
+    preprocess = fitted_preprocess(config, manifest, runtime)  # the experts' (or, without experts, fitted now)
     return DistillWorker(
         distill=distill, spec=spec, record=config.experts.record, frozen_seed=config.experts.seed,
         store_url=config.store_url, storage_config=config.storage, out_url=distill_dir(config, distill.ipc),
-        preprocess=load_preprocess(config), data=train_data(config, manifest, spec, runtime),
+        preprocess=preprocess, data=train_data(config, manifest, spec, runtime, preprocess),
         fingerprint=fingerprint, temperature=config.experts.train.temperature, on_iteration=on_iteration,
     )
 
@@ -149,4 +151,9 @@ def summary(result: SyntheticSet, distill: DistillConfig, out_url: str) -> str:
                  f"{matched / full:.2f}x)")
     if result.metadata.get("step_sizes"):
         line += "; learned step sizes " + ", ".join(f"{a:.4g}" for a in result.metadata["step_sizes"])
+    if causal := result.metadata.get("causal"):
+        line += (f"; causal pruning kept {causal['kept']:,} of {causal['samples']:,} real samples "
+                 f"(+{causal['seconds']:.1f} s)")
+    if "seconds" in result.metadata:
+        line += f"; {result.metadata['iterations']} iterations in {result.metadata['seconds']:.1f} s"
     return line

@@ -35,6 +35,8 @@ from torch import Tensor, nn
 from engine import storage
 from engine.config import to_yaml
 from engine.data.manifest import MANIFEST_NAME, ShardManifest
+from engine.data.memory import InMemoryData
+from engine.data.preprocess import Preprocess
 from engine.data.stream import EpochOrder, EpochStream, StreamBatches
 from engine.data.text_features import CaptionFeatures
 from engine.distill.synthetic import SyntheticSet, list_snapshots
@@ -59,6 +61,7 @@ from engine.stages.context import (
     caption_table,
     data_fingerprint,
     distill_dir,
+    fitted_preprocess,
     load_preprocess,
     load_split,
     model_spec,
@@ -146,7 +149,7 @@ class Experiment:
         self.config, self.runtime, self.device = config, runtime, device
         self.manifest = prepare_data(config)
         self.spec = model_spec(config, self.manifest, config.evaluate.model)
-        self.preprocess = load_preprocess(config).to(device)
+        self.preprocess = fitted_preprocess(config, self.manifest, runtime).to(device)
         self.pairs = self.manifest.modality == "image-text"
         split_data = streamed_split(config, self.manifest, config.data.split, runtime, self.preprocess)
         self.source, self.train_images = split_data.images.source, split_data.images.to(device)
@@ -160,18 +163,27 @@ class Experiment:
         self.task = self.task_on(split)
         self.pool = self.make_pool()
 
-    def task_on(self, split: str) -> Task:
+    def task_on(self, split: str, preprocess: Preprocess | None = None) -> Task:
+        """The task scored on ``split``, its images in ``preprocess`` (default: this config's transform)."""
         config, manifest = self.config, self.manifest
         if split == config.evaluate.split and config.evaluate.test_shards:
             config, manifest = held_out_data(config, self.manifest)
-        held_out = load_split(config, split, self.runtime)
-        images = self.preprocess.apply(held_out.images.to(self.device))
+        held_out = self.held_out(split)
+        images = (preprocess.to(self.device) if preprocess else self.preprocess).apply(held_out.images.to(self.device))
         if not self.pairs:
             return ClassificationTask(lambda: build_model(self.spec), images, held_out.labels.to(self.device),
                                       LABEL_SOURCES[self.config.evaluate.labels]())
         text = caption_features_of(config, manifest, self.spec, held_out.captions, split)
         return RetrievalTask(self.fresh_dual_encoder, images, text.features.to(self.device),
                              text.image_index.to(self.device), self.config.experts.train.temperature)
+
+    @functools.cache  # noqa: B019  (one Experiment per evaluation run)
+    def held_out(self, split: str) -> InMemoryData:
+        """A held-out split in memory (pixels), read once."""
+        config = self.config
+        if split == config.evaluate.split and config.evaluate.test_shards:
+            config, _ = held_out_data(config, self.manifest)
+        return load_split(config, split, self.runtime)
 
     def fresh_dual_encoder(self, seed: int) -> tuple[nn.Module, list[str]]:
         """The experts' dual encoder with their frozen parts and freshly initialised recorded parameters."""
@@ -262,29 +274,40 @@ class Experiment:
 
 
 def as_evaluated(config: ExperimentConfig, synthetic: SyntheticSet, method: str, size: int, device: torch.device,
-                 **details: Any) -> EvaluatedSet:
+                 task: Task | None = None, **details: Any) -> EvaluatedSet:
     """A distilled set to train fresh networks on: with its learned step size (one per side for pairs)."""
     ev = config.evaluate
     targets = synthetic.text if synthetic.text is not None else synthetic.labels
-    if not ev.use_learned_lr:
+    if "seconds" in synthetic.metadata:
+        details = {"distill_seconds": synthetic.metadata["seconds"], **details}
+    if not ev.use_learned_lr or not synthetic.alphas.numel():  # a method without a learned step size (DM)
         lr, shown = ev.train.lr, ev.train.lr
     elif synthetic.text is not None:
         lr, shown = learned_lr(synthetic.alphas), synthetic.alphas.tolist()
     else:
         lr = shown = float(synthetic.alphas.mean())
     return EvaluatedSet(method, size, synthetic.images.to(device), targets.to(device), lr, ev.train.epochs,
-                        {"lr": shown, **details})
+                        {"lr": shown, **details}, task=task)
 
 
-def distilled_sets(config: ExperimentConfig, experiment: Experiment, size: int) -> Iterator[EvaluatedSet]:
-    """The final distilled set at ``size``, then the snapshot best on the selection split (if kept)."""
-    ev, name = config.evaluate, f"{DISTILLED}:{config.distill.method}"
-    folder = distill_dir(config, size)
-    yield as_evaluated(config, SyntheticSet.load(folder, config.storage), name, size, experiment.device)
+def distilled_sets(config: ExperimentConfig, experiment: Experiment, size: int,
+                   variant: str | None = None) -> Iterator[EvaluatedSet]:
+    """The final distilled set at ``size``, then the snapshot best on the selection split (if kept), of the
+    config or of its variant ``variant`` (``pipeline.variants``)."""
+    ev = config.evaluate
+    name = f"{DISTILLED}:{variant or config.distill.method}"
+    source = config.variant(variant) if variant else config
+    folder = distill_dir(source, size)
+    # A variant trained on a kept subset fitted its input transform there: its set is scored in that transform.
+    transform = load_preprocess(source) if variant else None
+    if transform is not None and transform.to_bytes() == load_preprocess(config).to_bytes():
+        transform = None
+    task = experiment.task_on(ev.split, transform) if transform else None
+    yield as_evaluated(config, SyntheticSet.load(folder, config.storage), name, size, experiment.device, task=task)
     snapshots = list_snapshots(folder, config.storage)
     if not ev.selects_best_snapshot or not snapshots:
         return
-    selection = experiment.task_on(ev.best_snapshot_split)
+    selection = experiment.task_on(ev.best_snapshot_split, transform)
     seeds = evaluation_seeds(ev.seed, ev.repeats)
     best: tuple[int, SyntheticSet, float] | None = None
     for iteration, url in snapshots.items():  # the latest wins ties
@@ -295,8 +318,8 @@ def distilled_sets(config: ExperimentConfig, experiment: Experiment, size: int) 
             best = (iteration, synthetic, value[selection.primary].mean)
     iteration, chosen, value = best
     yield as_evaluated(config, chosen, f"{name} (best {ev.best_snapshot_split})", size, experiment.device,
-                       iteration=iteration, selected_on={"split": ev.best_snapshot_split,
-                                                         selection.primary: round(value, 4)})
+                       task=task, iteration=iteration, selected_on={"split": ev.best_snapshot_split,
+                                                                    selection.primary: round(value, 4)})
 
 
 def evaluation_sets(config: ExperimentConfig, experiment: Experiment, sizes: list[int]) -> Iterator[EvaluatedSet]:
@@ -305,6 +328,8 @@ def evaluation_sets(config: ExperimentConfig, experiment: Experiment, sizes: lis
     for size in sorted(set(sizes) | set(coreset_sizes)):
         if DISTILLED in ev.methods and size in sizes:
             yield from distilled_sets(config, experiment, size)
+            for variant in config.pipeline.variants:
+                yield from distilled_sets(config, experiment, size, variant)
         if size in coreset_sizes:
             for method in (m for m in ev.methods if m != DISTILLED):
                 images, targets = experiment.pool.coreset(method, size, ev.seed)
