@@ -126,39 +126,76 @@ def child(config_path: str, shards: str, run_dir: str, cache: str, cpus: str) ->
     ray.shutdown()
     return {"images": manifest.splits[config.data.split].num_samples, "plan_s": planned - started,
             "epoch_s": finished - planned, "driver": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "workers": list(monitor.peaks.values()), "peak_total": monitor.peak_total}
+            "workers": list(monitor.peaks.values()), "peak_total": monitor.peak_total, "by_name": monitor.by_name()}
 
 
 class ProcessMonitor(threading.Thread):
-    """Every half second, the resident memory of every Ray worker process of this job (actors, tasks, idle
-    workers, their launchers): each process's peak (VmHWM, kept after it exits) and the peak of the sum
+    """Every half second, the resident memory of every Ray worker process of this job's own local cluster
+    (the driver's descendants: actors, tasks, idle workers, their launchers; not the processes of another
+    Ray cluster on the machine): each process's peak (VmHWM, kept after it exits) and the peak of the sum
     over the processes alive together (this driver included)."""
 
     def __init__(self, interval: float = 0.5):
         super().__init__(daemon=True)
-        self.interval, self.peaks, self.peak_total = interval, {}, 0
+        self.interval, self.peaks, self.names, self.peak_total = interval, {}, {}, 0
+        self.started = time.perf_counter()
         self._done = threading.Event()
 
     def run(self) -> None:
         import psutil
 
+        me = psutil.Process()
         while not self._done.is_set():
-            total = psutil.Process().memory_info().rss
-            for process in psutil.process_iter(["cmdline"]):
+            total = me.memory_info().rss
+            for process in _descendants(me):  # this job's Ray cluster only: not another one on the machine
                 if _is_ray_worker(process) and (peak := _peak_rss(process.pid)):
                     self.peaks[process.pid] = max(self.peaks.get(process.pid, 0), peak)
+                    title = _title(process)
+                    if process.pid not in self.names or title.startswith("ray::") and title != "ray::IDLE":
+                        self.names[process.pid] = title  # what it ran (an idle worker keeps its last task's name)
                     total += _rss(process)
             self.peak_total = max(self.peak_total, total)
             self._done.wait(self.interval)
+
+    def by_name(self) -> dict[str, list[int]]:
+        """Process title -> [processes, sum of their peaks]: where the memory went."""
+        out: dict[str, list[int]] = {}
+        for pid, peak in self.peaks.items():
+            entry = out.setdefault(self.names.get(pid, "?"), [0, 0])
+            entry[0] += 1
+            entry[1] += peak
+        return out
 
     def stop(self) -> None:
         self._done.set()
         self.join()
 
 
+def _descendants(process) -> list:
+    import psutil
+
+    try:
+        children = process.children(recursive=True)
+    except psutil.Error:
+        return []
+    for child in children:
+        try:
+            child.info = {"cmdline": child.cmdline()}
+        except psutil.Error:
+            child.info = {"cmdline": []}
+    return children
+
+
 def _is_ray_worker(process) -> bool:
     cmdline = " ".join(process.info.get("cmdline") or [])
     return "default_worker.py" in cmdline or cmdline.startswith("ray::")
+
+
+def _title(process) -> str:
+    cmdline = " ".join(process.info.get("cmdline") or [])
+    if cmdline.startswith("ray::"):
+        return cmdline.split()[0].split(".")[0]
+    return "uv run (worker launcher)" if "uv" in cmdline.split()[0] else "worker starting"
 
 
 def _peak_rss(pid: int) -> int:
@@ -221,7 +258,14 @@ def main() -> int:
         print(f"| {size:,} | {run['plan_s']:.1f} | {run['epoch_s']:.1f} | {size / run['epoch_s']:.0f} | "
               f"{gib(run['driver'])} | {len(run['workers'])} | {gib(sum(run['workers']))} | "
               f"{gib(max(run['workers'], default=0))} | {gib(totals[size])} | {gib(run['peak_total'])} |")
+    print("\nworker processes by what they ran (processes / sum of their peaks GiB), small and large:")
+    for name in sorted({n for run in runs.values() for n in run["by_name"]}):
+        cells = [f"{run['by_name'].get(name, [0, 0])[0]} / {gib(run['by_name'].get(name, [0, 0])[1])}"
+                 for run in runs.values()]
+        print(f"  {name:<40} " + "   ".join(cells))
     small, large = args.sizes
+    print(f"peak of the sum of all processes' memory, ratio {large}/{small}: "
+          f"{runs[large]['peak_total'] / runs[small]['peak_total']:.2f}x")
     print(f"peak memory ratio {large}/{small}: {totals[large] / totals[small]:.2f}x")
     return 0
 

@@ -101,6 +101,8 @@ def generated_sources(prepare: dict, data: dict, root: Path) -> dict:
             prepare["class_list"] = str(root / "classes.txt")
     elif prepare["format"] == "captions-csv":
         prepare["src"] = str(captions_csv(root / "flickr", 24))
+    elif prepare["format"].startswith("moving-digits"):
+        prepare["limit"] = 300  # clips made from the embedded digits: a few of them
     else:
         assert prepare["format"] == "digits", f"no generator for {prepare['format']}"
     return prepare

@@ -184,6 +184,26 @@ def test_two_ray_train_workers_equal_one_process_with_the_same_segments(ray_sess
     assert not torch.equal(expected.images, load_initial_images(local))
 
 
+def test_dm_classes_split_across_two_ray_train_workers_equal_one_process(ray_session, experiment, tmp_path):
+    """Distribution matching needs no experts; two workers each take half the classes (and read only their
+    rows of the stream), and the summed gradients give the set one process gives."""
+    root, shards, store = experiment
+    dm = {"method": "dm", "iterations": 3, "ipc": 2, "batch_real": 200, "lr_img": 1.0}
+
+    def dm_config(name: str) -> str:
+        path = config_file(tmp_path, tmp_path / name, shards, str(tmp_path / f"store-{name}"))
+        Path(path).write_text(yaml.safe_dump({**yaml.safe_load(Path(path).read_text()), "distill": dm}))
+        return path
+
+    local = load(dm_config("local"))
+    on_ray = load(dm_config("ray"), "resources.distill_workers=2", "resources.use_ray=null")
+    expected = distill.run_distill(local)
+    result = distill.run_distill(on_ray)
+    torch.testing.assert_close(result.images, expected.images, rtol=1e-5, atol=1e-6)
+    assert result.alphas.numel() == 0 and result.metadata["method"] == "dm"
+    assert not torch.equal(expected.images, load_initial_images(local))
+
+
 def test_held_out_shards_are_scored_without_distilling_again(experiment, tmp_path, capsys):
     root, shards, store = experiment
     path = config_file(tmp_path, tmp_path / "run", shards, store, evaluate={"methods": ["distilled", "random"]})

@@ -67,7 +67,7 @@ def test_dm_gradient_equals_autograd_through_a_naive_implementation():
     gradients = dm.gradients(synthetic, iteration=3)
 
     # Replay the same real batches, network and DSA draws, then differentiate the naive loss.
-    replay = TensorClassBatches(data.images, data.labels, 8, dm.real[0, 1].seed, data.keys)
+    replay = TensorClassBatches(data.images, data.labels, 8, dm.real[0, 1].seed, data.keys)  # same draws
     batches = {c: replay.batch(c)[0] for c in range(3)}
     draws = {}
     for c, real in batches.items():

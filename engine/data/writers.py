@@ -40,7 +40,11 @@ from engine.extras import require
 from engine.progress import LogLines, progress
 from engine.storage import PathOrURL, StorageConfig
 
-FORMATS: tuple[str, ...] = ("imagefolder", "captions-csv", "coco-captions", "karpathy-json", "video", "digits")
+FORMATS: tuple[str, ...] = ("imagefolder", "captions-csv", "coco-captions", "karpathy-json", "video", "digits",
+                             "moving-digits", "moving-digits-motion")
+GENERATED_FORMATS = {"digits": "sklearn.datasets.load_digits",
+                     "moving-digits": "scikit-learn's digits moving on a 32x32 canvas (class: the digit)",
+                     "moving-digits-motion": "scikit-learn's digits moving on a 32x32 canvas (class: digit x direction)"}
 CAPTION_FORMATS = ("captions-csv", "coco-captions", "karpathy-json")
 CLASS_LIST_FORMATS = ("imagefolder", "video")
 DEFAULT_SPLITS = {"train": 1.0}
@@ -137,9 +141,9 @@ def _check_options(
 ) -> None:
     if fmt not in FORMATS:
         raise ConfigError(f"unknown format {fmt!r}; expected one of: {', '.join(FORMATS)}")
-    if fmt == "digits" and src is not None:
-        raise ConfigError("--format digits takes no --src (it reads scikit-learn's load_digits)")
-    if fmt != "digits" and not src:
+    if fmt in GENERATED_FORMATS and src is not None:
+        raise ConfigError(f"--format {fmt} takes no --src (it is made from scikit-learn's load_digits)")
+    if fmt not in GENERATED_FORMATS and not src:
         raise ConfigError(f"--format {fmt} needs --src")
     if class_list is not None and fmt not in CLASS_LIST_FORMATS:
         raise ConfigError(f"--class-list applies to {' and '.join(CLASS_LIST_FORMATS)}, not to {fmt}")
@@ -208,8 +212,8 @@ def _options(
 
 
 def _source_description(fmt: str, src: str | None) -> str:
-    if fmt == "digits":
-        return "sklearn.datasets.load_digits"
+    if fmt in GENERATED_FORMATS:
+        return GENERATED_FORMATS[fmt]
     return storage.redact(str(src)) if storage.is_remote(str(src)) else os.path.abspath(str(src))
 
 
@@ -231,6 +235,8 @@ def load_source(fmt: str, src: str | None, *, class_list: str | None, images_dir
             return sources.video_source(str(src), class_list, skips)
         case "digits":
             return sources.digits_source()
+        case "moving-digits" | "moving-digits-motion":
+            return sources.moving_digits_source(by_direction=fmt == "moving-digits-motion")
     raise ConfigError(f"unknown format {fmt!r}; expected one of: {', '.join(FORMATS)}")
 
 
@@ -239,7 +245,7 @@ def _test_items(fmt: str, src: str | None, test_src: str, test_folder: str | Non
                 skips: SkipLog, seed: int) -> list[SourceItem]:
     """The items of ``test_src`` (read from ``test_folder``: itself, or the archive unpacked), all of them, for
     the ``test`` split; refused if it would clash."""
-    if fmt == "digits" or source.has_own_splits:
+    if fmt in GENERATED_FORMATS or source.has_own_splits:
         raise ConfigError(f"a separate test source does not apply to {fmt} (it has no test folder of its own)")
     if "test" in items_by_split:
         raise ConfigError(f"splits name a 'test' split and a test source ({test_src}) is given: drop one")

@@ -140,7 +140,8 @@ class DistributionMatching:
         if (rank, world_size) not in self.real:
             data, config = self.data, self.config
             skip = self.pruner.dropped if self.pruner else set()
-            seed = segment_seed(config.seed, rank, world_size)
+            seed = segment_seed(config.seed, 0, 0)  # every worker reads the same stream: a class's draws do
+            # not depend on how classes are split (exactly so unless a queue overflows: see engine.distill.real)
             if isinstance(data.images, StreamedImages):
                 counts = torch.bincount(data.labels.cpu(), minlength=data.num_classes).tolist()
                 self.real[rank, world_size] = StreamClassBatches(

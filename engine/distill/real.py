@@ -5,8 +5,11 @@ iteration (distribution matching): DM's ``get_images(c, n)``, drawn from tensors
 windowed shuffle, ``engine.data.stream``) epoch after epoch and routes each row into the queue of its
 class; ``batch(c)`` takes the next ``n`` rows of class ``c``, reading on until there are that many.
 Each queue holds at most ``2 n`` rows (rows of a full queue are passed over, as a random sample would
-skip them), so memory is bounded by classes × 2n decoded samples, whatever the split's size; the rows
-read per iteration are about the rows used. ``TensorClassBatches`` is the same draw on small data held
+skip them), so memory is bounded by classes × 2n decoded samples, whatever the split's size (a worker that
+owns a share of the classes holds only theirs); the rows read per iteration are about the rows used. A
+class's rows come in the stream's order whichever other classes a worker owns, so splitting classes across
+workers draws the same batches as one process, unless a queue overflowed (a class far more frequent than
+another within a stretch of the stream). ``TensorClassBatches`` is the same draw on small data held
 as tensors (tests, toys): a seeded permutation of the class's members.
 
 Both skip the samples whose keys are in ``skip`` (a set the caller may grow while distilling: the
@@ -51,7 +54,7 @@ class TensorClassBatches:
     seed: int
     keys: list[str] | None = None  # default: the position as a string
     skip: set[str] = field(default_factory=set)
-    _draws: int = 0
+    _draws: dict[int, int] = field(default_factory=dict)  # batches drawn per class: a class's draws are its own
 
     def batch(self, c: int) -> tuple[Tensor, list[str]]:
         members = (self.labels == c).nonzero().flatten().cpu()
@@ -60,8 +63,8 @@ class TensorClassBatches:
             members = members[torch.tensor([keys[i] not in self.skip for i in members.tolist()], dtype=torch.bool)]
         if len(members) == 0:
             raise DataError(f"class {c} has no training samples left to compare with")
-        self._draws += 1
-        order = torch.randperm(len(members), generator=epoch_generator(self.seed, self._draws))
+        self._draws[c] = self._draws.get(c, 0) + 1
+        order = torch.randperm(len(members), generator=epoch_generator(self.seed, c, self._draws[c]))
         chosen = members[order[: self.batch_size]]
         return self.images[chosen.to(self.images.device)], [keys[i] for i in chosen.tolist()]
 

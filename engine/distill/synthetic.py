@@ -10,6 +10,7 @@ what the experts were trained on. Outputs under ``<out>/``:
     shards/                 a WebDataset shard of the images as PNG pixels (+ .cls / .json) and its manifest
                             (images only)
     grid.png                the images as pixels, one row per class; clips: one row of frames per clip
+    gifs/<class>.gif        clips: each class's clips side by side, animated
     pairs.html              image-text pairs: each image beside the real caption nearest its text vector
 """
 
@@ -30,7 +31,7 @@ from torch import Tensor
 
 from engine import storage
 from engine.checkpoint import safetensors_metadata
-from engine.data.grid import save_grid
+from engine.data.grid import grid_image, save_grid
 from engine.data.manifest import ClassInfo, ShardManifest, SplitInfo
 from engine.data.preprocess import Preprocess
 from engine.data.writers import Sample, write_shard
@@ -126,10 +127,15 @@ def save_outputs(
     storage.write_json(storage.join(out_url, "manifest.json"), synthetic.metadata, storage_config)
     labels = synthetic.hard_labels().tolist() if synthetic.labels is not None else None
     tags = [class_names[i] for i in labels] if labels is not None and class_names else None
-    if pixels.ndim == 5:  # clips (M, T, C, H, W): one row of frames per clip
+    if pixels.ndim == 5:  # clips (M, T, C, H, W): one row of frames per clip, and an animation per class
         frames = pixels.shape[1]
         save_grid(pixels.flatten(0, 1), storage.join(out_url, "grid.png"), nrow=frames,
                   labels=[t for t in tags for _ in range(frames)] if tags else None, storage_config=storage_config)
+        for c, name in enumerate(class_names if labels is not None else []):
+            clips = pixels[[i for i, label in enumerate(labels) if label == c]]
+            if len(clips):
+                storage.write_bytes(storage.join(out_url, "gifs", f"{c:04d}-{_file_safe(name)}.gif"), clips_gif(clips),
+                                    storage_config)
         return
     _write_pixel_shard(pixels, labels, class_names, storage.join(out_url, "shards"), storage_config, captions)
     ipc = max(1, len(synthetic) // max(1, len(class_names))) if labels is not None else 10
@@ -137,6 +143,18 @@ def save_outputs(
               storage_config=storage_config)
     if captions is not None:
         storage.write_text(storage.join(out_url, "pairs.html"), pairs_sheet(pixels, captions), storage_config)
+
+
+def clips_gif(clips: Tensor, frame_ms: int = 125) -> bytes:
+    """An animated GIF of clips (N, T, C, H, W) in [0, 1] side by side, looping over their frames."""
+    frames = [grid_image(clips[:, t], nrow=len(clips)) for t in range(clips.shape[1])]
+    out = io.BytesIO()
+    frames[0].save(out, format="GIF", save_all=True, append_images=frames[1:], duration=frame_ms, loop=0)
+    return out.getvalue()
+
+
+def _file_safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)[:60]
 
 
 def pairs_sheet(pixels: Tensor, captions: list[str]) -> str:

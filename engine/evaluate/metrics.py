@@ -46,10 +46,19 @@ EVAL_BATCH = 512
 @torch.no_grad()
 def accuracy(model: nn.Module, images: Tensor, labels: Tensor) -> float:
     """Top-1 accuracy in percent, in eval mode."""
+    return topk_accuracies(model, images, labels, (1,))[1]
+
+
+@torch.no_grad()
+def topk_accuracies(model: nn.Module, images: Tensor, labels: Tensor, ks: Sequence[int]) -> dict[int, float]:
+    """Top-k accuracy in percent for each k (a hit: the label among the k highest logits), in eval mode."""
     model.eval()
-    correct = sum((model(x).argmax(1) == y).sum().item()
-                  for x, y in zip(images.split(EVAL_BATCH), labels.split(EVAL_BATCH), strict=True))
-    return 100.0 * correct / len(labels)
+    hits = dict.fromkeys(ks, 0)
+    for x, y in zip(images.split(EVAL_BATCH), labels.split(EVAL_BATCH), strict=True):
+        ranked = model(x).topk(max(ks), dim=1).indices  # (B, max k)
+        for k in ks:
+            hits[k] += (ranked[:, :k] == y.unsqueeze(1)).any(1).sum().item()
+    return {k: 100.0 * hits[k] / len(labels) for k in ks}
 
 
 @torch.no_grad()

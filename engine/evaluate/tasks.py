@@ -2,6 +2,7 @@
 learns from a batch, and scores it on the held-out split.
 
     ClassificationTask   accuracy; the label source (``engine.labels``) gives each view's targets
+    ClipClassificationTask  clips of 10 or more classes: top-1 and top-5 accuracy
     RetrievalTask        image->text and text->image recall@1/5/10 and rsum of a dual encoder trained with
                          InfoNCE on (image, caption feature) pairs; only its recorded parameters train
 """
@@ -14,7 +15,7 @@ from typing import ClassVar, Protocol
 
 from torch import Tensor, nn
 
-from engine.evaluate.metrics import accuracy, retrieval_recalls
+from engine.evaluate.metrics import accuracy, retrieval_recalls, topk_accuracies
 from engine.labels import LabelSource
 from engine.losses import infonce_loss
 from engine.optim import build_seeded
@@ -54,6 +55,17 @@ class ClassificationTask:
 
     def score(self, model: nn.Module) -> dict[str, float]:
         return {"accuracy": accuracy(model, self.images, self.labels)}
+
+
+@dataclass
+class ClipClassificationTask(ClassificationTask):
+    """Video classification with 10 or more classes: top-1 and top-5 clip accuracy (as Kinetics reports)."""
+
+    metrics: ClassVar[tuple[str, ...]] = ("accuracy", "top5")
+
+    def score(self, model: nn.Module) -> dict[str, float]:
+        top = topk_accuracies(model, self.images, self.labels, (1, 5))
+        return {"accuracy": top[1], "top5": top[5]}
 
 
 @dataclass

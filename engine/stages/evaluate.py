@@ -43,7 +43,7 @@ from engine.distill.synthetic import SyntheticSet, list_snapshots
 from engine.distill.vl import learned_lr
 from engine.errors import DataError
 from engine.evaluate.run import EvaluatedSet, evaluate_sets, results_table, score_set
-from engine.evaluate.tasks import ClassificationTask, RetrievalTask, Task
+from engine.evaluate.tasks import ClassificationTask, ClipClassificationTask, RetrievalTask, Task
 from engine.experiment import DISTILLED, ExperimentConfig
 from engine.labels import LABEL_SOURCES
 from engine.models.params import set_flat
@@ -171,8 +171,10 @@ class Experiment:
         held_out = self.held_out(split)
         images = (preprocess.to(self.device) if preprocess else self.preprocess).apply(held_out.images.to(self.device))
         if not self.pairs:
-            return ClassificationTask(lambda: build_model(self.spec), images, held_out.labels.to(self.device),
-                                      LABEL_SOURCES[self.config.evaluate.labels]())
+            clips = self.manifest.modality == "video" and len(self.manifest.classes) >= 10
+            task = ClipClassificationTask if clips else ClassificationTask
+            return task(lambda: build_model(self.spec), images, held_out.labels.to(self.device),
+                        LABEL_SOURCES[self.config.evaluate.labels]())
         text = caption_features_of(config, manifest, self.spec, held_out.captions, split)
         return RetrievalTask(self.fresh_dual_encoder, images, text.features.to(self.device),
                              text.image_index.to(self.device), self.config.experts.train.temperature)
