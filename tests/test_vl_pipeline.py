@@ -94,3 +94,18 @@ def test_image_text_pipeline_with_a_pretrained_tower(tmp_path, capsys):
     assert "pre-training" not in capsys.readouterr().out
     assert {r["method"] for r in again} == {"random"}
     assert storage.exists(str(tmp_path / "run" / "results.json"))
+
+    # BiLP level 1 on pairs: each pair scored by its InfoNCE loss, clusters of image embeddings as classes;
+    # experts, distillation and coresets then use the kept pairs only.
+    kept = load_config(ExperimentConfig, str(path), [
+        "selection.method=loss", "selection.keep_ratio=0.5", "selection.scoring_runs=2", "selection.scoring_epochs=1",
+        "selection.clusters=3", f"run_dir={tmp_path / 'kept'}", "evaluate.methods=[distilled, random]",
+        "evaluate.full=false", "evaluate.sizes=[4]"])
+    rows = pipeline.run_pipeline(kept)
+    subset_file = next((tmp_path / "kept" / "select").glob("loss-*/kept-0.5.json"))
+    subset = json.loads(subset_file.read_text())
+    assert subset["class_counts"] == [] and len(subset["header"]["kept_per_group"]) == 3
+    assert 6 <= len(subset["keys"]) < 12 and subset["header"]["groups"] == "cluster"
+    scores = json.loads((subset_file.parent / "scores.json").read_text())
+    assert len(scores["scores"]) == 12 and set(scores["groups"].values()) == {0, 1, 2}
+    assert {r["method"] for r in rows} == {"distilled:vl", "random"}

@@ -3,7 +3,8 @@
 Level 1, static (before distillation; ``engine.stages.select``): K short scoring runs on the training
 split record every sample's loss; a sample's score is its mean loss over the runs at one epoch (early
 training or converged); within each class the ``keep_ratio`` lowest-loss samples are kept
-(``keep_lowest``). The result is a subset of sample keys that every later stage reads.
+(``keep_lowest``); image-text pairs are scored by their InfoNCE loss and grouped by k-means clusters of
+image embeddings (``kmeans``). The result is a subset of sample keys that every later stage reads.
 
 Level 2, dynamic (during distribution matching; ``engine.distill.dm``): the causal effect of a real
 sample is the change of the synthetic set's meta-gradient when the sample is removed from its class
@@ -43,6 +44,8 @@ class SelectionConfig(Section):
     score_at: Literal["init", "converged"] | int = Field(
         "converged", description="loss: the epoch whose per-sample loss is the score: init = after the first "
         "epoch (early training), converged = after the last, or an epoch number (0: the untrained network).")
+    clusters: int = Field(10, ge=1, description="loss on image-text pairs: k-means clusters of the scoring runs' "
+                          "image embeddings stand in for classes (the keep ratio applies within each).")
     dir: PathOrURL | None = Field(None, description="Scores and subsets; default <run_dir>/select (pipeline "
                                   "variants share their base's).")
     seed: int = Field(0, ge=0, description="Scoring runs' seeds and the random selector's draw.")
@@ -75,6 +78,27 @@ def keep_lowest(scores: Tensor, groups: Tensor, keep_ratio: float, minimum: int 
         order = torch.sort(scores[members], stable=True).indices
         kept.append(members[order[:k]])
     return torch.sort(torch.cat(kept)).values if kept else torch.empty(0, dtype=torch.long)
+
+
+def kmeans(features: Tensor, k: int, generator: torch.Generator, iterations: int = 50) -> Tensor:
+    """(N,) cluster of each row of ``features`` (N, D): Lloyd's iterations from a k-means++ start, seeded;
+    stops when no assignment changes."""
+    x = features.double()
+    centres = x[torch.randint(len(x), (1,), generator=generator)]
+    while len(centres) < k:  # k-means++: the next centre drawn in proportion to the squared distance
+        d2 = torch.cdist(x, centres).min(1).values ** 2
+        pick = torch.multinomial(d2 / d2.sum() if d2.sum() > 0 else torch.ones_like(d2), 1, generator=generator)
+        centres = torch.cat([centres, x[pick]])
+    assignment = torch.cdist(x, centres).argmin(1)
+    for _ in range(iterations):
+        for c in range(k):
+            if (members := assignment == c).any():
+                centres[c] = x[members].mean(0)
+        updated = torch.cdist(x, centres).argmin(1)
+        if torch.equal(updated, assignment):
+            break
+        assignment = updated
+    return assignment
 
 
 @dataclass

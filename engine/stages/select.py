@@ -23,20 +23,29 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from engine import storage
 from engine.data.manifest import ShardManifest
+from engine.data.preprocess import Preprocess
 from engine.data.stream import EpochOrder, EpochStream, images_of
-from engine.errors import ConfigError, DataError
+from engine.errors import DataError
 from engine.experiment import ExperimentConfig
 from engine.models.params import set_flat
 from engine.resources import default_device
-from engine.select.bilp import keep_lowest
+from engine.select.bilp import keep_lowest, kmeans
 from engine.select.subset import Subset, keys_fingerprint
 from engine.stages import Runtime
 from engine.stages import buffer as buffer_stage
-from engine.stages.context import data_fingerprint, model_spec, prepare_data, selection_folder, subset_url
+from engine.stages.context import (
+    caption_table,
+    data_fingerprint,
+    model_spec,
+    prepare_data,
+    selection_folder,
+    subset_url,
+)
+from engine.stages.pretrain import ensure_tower
 from engine.trajectories.experts import build_shared_frozen
 from engine.trajectories.store import TrajectoryStore
 
@@ -80,12 +89,11 @@ def scoring_config(config: ExperimentConfig) -> ExperimentConfig:
     })
 
 
-def loss_scores(config: ExperimentConfig, manifest: ShardManifest, index: SplitIndex, runtime: Runtime) -> Tensor:
-    """Mean per-sample loss of the scoring runs at the scored epoch (module docstring)."""
-    if manifest.modality != "image" and manifest.modality != "video":
-        raise ConfigError(f"selection.method loss scores classification data; the shards hold {manifest.modality} "
-                          "data (image-text selection by clusters is not implemented yet)")
+def trained_scoring_runs(config: ExperimentConfig, manifest: ShardManifest,
+                         runtime: Runtime) -> tuple[ExperimentConfig, TrajectoryStore, Preprocess]:
+    """Train (or resume, or find complete) the scoring runs; their config, store and input transform."""
     scoring = scoring_config(config)
+    ensure_tower(scoring, runtime)  # image-text models: the pre-trained image tower the experts use
     plan, preprocess = buffer_stage.build_plan(scoring, manifest, model_spec(scoring, manifest), runtime)
     runs = config.selection.scoring_runs
     store = buffer_stage.open_store(plan)
@@ -98,44 +106,104 @@ def loss_scores(config: ExperimentConfig, manifest: ShardManifest, index: SplitI
               flush=True)
         runtime.train_experts(plan, claimable, buffer_stage.print_progress)
         store = buffer_stage.open_store(plan)
-    ids = list(range(runs))
-    return per_sample_losses(scoring, manifest, store, ids, config.selection.score_epoch, preprocess, runtime, index)
+    return scoring, store, preprocess
 
 
-@torch.no_grad()
-def per_sample_losses(config: ExperimentConfig, manifest: ShardManifest, store: TrajectoryStore, ids: list[int],
-                      epoch: int, preprocess, runtime: Runtime, index: SplitIndex) -> Tensor:
-    """(N,) cross-entropy of every training sample (no augmentation, eval mode) averaged over the runs
-    ``ids`` at ``epoch``: one streamed pass, every run's model on each batch."""
-    device = default_device()
-    spec = model_spec(config, manifest)
-    models = []
-    for run in ids:
-        model, names = build_shared_frozen(spec, config.experts.record, frozen_seed=config.experts.seed,
-                                           seed=config.experts.seed)
+def scoring_models(scoring: ExperimentConfig, manifest: ShardManifest, store: TrajectoryStore,
+                   device: torch.device) -> list[nn.Module]:
+    """Every scoring run's model at the scored epoch, in eval mode."""
+    epoch, spec, models = scoring.selection.score_epoch, model_spec(scoring, manifest), []
+    for run in range(scoring.selection.scoring_runs):
+        model, names = build_shared_frozen(spec, scoring.experts.record, frozen_seed=scoring.experts.seed,
+                                           seed=scoring.experts.seed)
         params = store.load_epochs(run, [epoch])[epoch]
         set_flat(model, names, torch.cat([params[n].flatten() for n in names]))
         models.append(model.to(device).eval())
+    return models
+
+
+def loss_scores(config: ExperimentConfig, manifest: ShardManifest, index: SplitIndex,
+                runtime: Runtime) -> tuple[Tensor, Tensor]:
+    """Classes: (N,) cross-entropy of every training sample (no augmentation, eval mode) averaged over the
+    scoring runs at the scored epoch, in one streamed pass; grouped by class. Image-text pairs:
+    ``pair_loss_scores``."""
+    scoring, store, preprocess = trained_scoring_runs(config, manifest, runtime)
+    device = default_device()
+    models = scoring_models(scoring, manifest, store, device)
+    if manifest.modality == "image-text":
+        return pair_loss_scores(scoring, manifest, index, runtime, models, preprocess.to(device), device)
+    return class_loss_scores(config, manifest, index, runtime, models, preprocess.to(device), device)
+
+
+@torch.no_grad()
+def class_loss_scores(config: ExperimentConfig, manifest: ShardManifest, index: SplitIndex, runtime: Runtime,
+                      models: list[nn.Module], preprocess: Preprocess, device: torch.device) -> tuple[Tensor, Tensor]:
     media = "video" if manifest.modality == "video" else "image"
     source = runtime.source(config.data, config.storage, (media, "label", "key"))
-    transform = preprocess.to(device).apply
     losses, keys = [], []
     for batch in EpochStream(source, EpochOrder(0), BATCH):
-        x, y = transform(images_of(batch).to(device)), batch["label"].to(device)
+        x, y = preprocess.apply(images_of(batch).to(device)), batch["label"].to(device)
         losses.append(torch.stack([F.cross_entropy(m(x), y, reduction="none") for m in models]).mean(0).cpu())
         keys += [str(k) for k in batch["key"]]
+    check_order(keys, index)
+    return torch.cat(losses), index.labels
+
+
+@torch.no_grad()
+def pair_loss_scores(scoring: ExperimentConfig, manifest: ShardManifest, index: SplitIndex, runtime: Runtime,
+                     models: list[nn.Module], preprocess: Preprocess, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Image-text pairs have no classes: a sample's score is the mean symmetric InfoNCE loss of its (image,
+    caption) pairs, each within a batch of the experts' size drawn as the experts draw theirs (a seeded
+    shuffle, so a batch rarely holds two captions of one image), averaged over the runs; the groups are
+    k-means clusters (selection.clusters) of the last run's image embeddings."""
+    table = caption_table(scoring, manifest, model_spec(scoring, manifest), scoring.data.split, runtime)
+
+    def pairs_of(row: dict) -> list[dict]:
+        return [{**pair, "key": row["key"]} for pair in table.expand(row)]
+
+    source = runtime.source(scoring.data, scoring.storage, ("image", "label", "key"))
+    stream = EpochStream(source, EpochOrder(scoring.selection.seed, scoring.data.shuffle_buffer),
+                         scoring.experts.train.batch_size, pairs_of)
+    tau = scoring.experts.train.temperature
+    totals, counts = torch.zeros(len(index.keys), dtype=torch.float64), torch.zeros(len(index.keys))
+    position = {key: i for i, key in enumerate(index.keys)}
+    for batch in stream.epoch(0):
+        images, text = preprocess.apply(batch["image"].to(device)), batch["text"].to(device)
+        losses = torch.stack([pair_infonce(m.encode_image(images), m.encode_text_features(text), tau)
+                              for m in models]).mean(0).cpu()
+        rows = torch.tensor([position[str(k)] for k in batch["key"]])
+        totals.index_add_(0, rows, losses.double())
+        counts.index_add_(0, rows, torch.ones(len(rows)))
+    embeddings = torch.cat([models[-1].encode_image(preprocess.apply(b.to(device))).cpu()
+                            for b in (images_of(batch) for batch in EpochStream(source, EpochOrder(0), BATCH))])
+    clusters = kmeans(embeddings, min(scoring.selection.clusters, len(index.keys)),
+                      torch.Generator().manual_seed(scoring.selection.seed))
+    return totals / counts.clamp(min=1), clusters
+
+
+def pair_infonce(image_emb: Tensor, text_emb: Tensor, temperature: float) -> Tensor:
+    """(B,) each pair's symmetric InfoNCE loss in its batch (``engine.losses.infonce_loss`` is their mean)."""
+    logits = image_emb @ text_emb.T / temperature
+    positives = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, positives, reduction="none")
+            + F.cross_entropy(logits.T, positives, reduction="none")) / 2
+
+
+def check_order(keys: list[str], index: SplitIndex) -> None:
     if keys != index.keys:
         raise DataError("the training split changed while it was scored (another order of keys)")
-    return torch.cat(losses)
 
 
-def random_scores(config: ExperimentConfig, manifest: ShardManifest, index: SplitIndex, runtime: Runtime) -> Tensor:
-    """A seeded uniform score per sample: keeping the lowest is a random subset of each class."""
-    return torch.rand(len(index.keys), generator=torch.Generator().manual_seed(config.selection.seed),
-                      dtype=torch.float64)
+def random_scores(config: ExperimentConfig, manifest: ShardManifest, index: SplitIndex,
+                  runtime: Runtime) -> tuple[Tensor, Tensor]:
+    """A seeded uniform score per sample: keeping the lowest is a random subset of each class (of the whole
+    split for image-text pairs)."""
+    scores = torch.rand(len(index.keys), generator=torch.Generator().manual_seed(config.selection.seed),
+                        dtype=torch.float64)
+    return scores, index.labels if manifest.modality != "image-text" else torch.zeros(len(index.keys), dtype=torch.long)
 
 
-Scorer = Callable[[ExperimentConfig, ShardManifest, SplitIndex, Runtime], Tensor]
+Scorer = Callable[[ExperimentConfig, ShardManifest, SplitIndex, Runtime], tuple[Tensor, Tensor]]  # scores, groups
 SCORERS: dict[str, Scorer] = {"loss": loss_scores, "random": random_scores}
 
 
@@ -154,58 +222,63 @@ def run(config: ExperimentConfig, runtime: Runtime) -> Subset | None:
         print(f"kept subset: {len(subset):,} samples in {storage.redact(url)} (already chosen)", flush=True)
         return subset
     index = split_index(config, runtime)
-    scores = scores_of(config, manifest, index, runtime)
-    minimum = max([*config.pipeline.ipcs, *config.pipeline.per_ipc])
-    kept = keep_lowest(scores, index.labels, sel.keep_ratio, minimum=minimum)
-    subset = make_subset(config, manifest, index, kept, scores)
+    scores, groups = scores_of(config, manifest, index, runtime)
+    minimum = 1 if manifest.modality == "image-text" else max([*config.pipeline.ipcs, *config.pipeline.per_ipc])
+    kept = keep_lowest(scores, groups, sel.keep_ratio, minimum=minimum)
+    subset = make_subset(config, manifest, index, kept, scores, groups)
     subset.save(url, config.storage)
-    print(summary(subset, scores, kept, index, url), flush=True)
+    print(summary(subset, scores, kept, groups, url), flush=True)
     return subset
 
 
-def scores_of(config: ExperimentConfig, manifest: ShardManifest, index: SplitIndex, runtime: Runtime) -> Tensor:
-    """The selector's scores in the index's order: from the folder's scores.json (keyed by sample key, so it
-    holds for any order or shard layout of the same samples), or computed and written there."""
+def scores_of(config: ExperimentConfig, manifest: ShardManifest, index: SplitIndex,
+              runtime: Runtime) -> tuple[Tensor, Tensor]:
+    """The selector's scores and groups (classes, or clusters of pairs) in the index's order: from the folder's
+    scores.json (keyed by sample key, so it holds for any order or shard layout of the same samples), or
+    computed and written there."""
     url = storage.join(selection_folder(config, manifest), SCORES)
     if storage.exists(url, config.storage):
-        keyed = storage.read_json(url, config.storage)["scores"]
+        stored = storage.read_json(url, config.storage)
+        keyed, groups = stored["scores"], stored["groups"]
         missing = [k for k in index.keys if k not in keyed]
         if missing:
             raise DataError(f"{storage.redact(url)} has no score for {len(missing):,} samples (e.g. {missing[0]}); "
                             "delete it to score again")
-        return torch.tensor([keyed[k] for k in index.keys], dtype=torch.float64)
-    scores = SCORERS[config.selection.method](config, manifest, index, runtime).double()
+        return (torch.tensor([keyed[k] for k in index.keys], dtype=torch.float64),
+                torch.tensor([groups[k] for k in index.keys], dtype=torch.long))
+    scores, groups = SCORERS[config.selection.method](config, manifest, index, runtime)
     header = {"selection": config.selection.model_dump(mode="json", exclude={"keep_ratio", "dir"}),
               "data": data_fingerprint(config, manifest, whole_split=True), "samples": len(index.keys)}
-    storage.write_json(url, {"header": header, "scores": dict(zip(index.keys, scores.tolist(), strict=True))},
-                       config.storage)
-    return scores
+    storage.write_json(url, {"header": header, "scores": dict(zip(index.keys, scores.double().tolist(), strict=True)),
+                             "groups": dict(zip(index.keys, groups.tolist(), strict=True))}, config.storage)
+    return scores.double(), groups
 
 
 def make_subset(config: ExperimentConfig, manifest: ShardManifest, index: SplitIndex, kept: Tensor,
-                scores: Tensor) -> Subset:
+                scores: Tensor, groups: Tensor) -> Subset:
     keys = [index.keys[i] for i in kept.tolist()]
     shard_counts: dict[str, int] = {}
     for i in kept.tolist():
         shard_counts[index.shards[i]] = shard_counts.get(index.shards[i], 0) + 1
-    num_classes = len(manifest.classes)
+    classes = manifest.modality != "image-text"
     header: dict[str, Any] = {
         "selection": config.selection.model_dump(mode="json", exclude={"dir"}),
         "data": data_fingerprint(config, manifest, whole_split=True), "split": config.data.split,
         "samples": len(index.keys), "kept": len(keys), "keys_fingerprint": keys_fingerprint(keys),
         "kept_mean_score": float(scores[kept].mean()), "all_mean_score": float(scores.mean()),
+        "groups": "class" if classes else "cluster", "kept_per_group": torch.bincount(groups[kept]).tolist(),
     }
-    return Subset(frozenset(keys), manifest.fingerprint(), shard_counts,
-                  torch.bincount(index.labels[kept], minlength=num_classes).tolist(), header)
+    class_counts = torch.bincount(index.labels[kept], minlength=len(manifest.classes)).tolist() if classes else []
+    return Subset(frozenset(keys), manifest.fingerprint(), shard_counts, class_counts, header)
 
 
-def summary(subset: Subset, scores: Tensor, kept: Tensor, index: SplitIndex, url: str) -> str:
-    totals = torch.bincount(index.labels, minlength=len(subset.class_counts)).tolist()
-    per_class = ", ".join(f"{k}/{t}" for k, t in zip(subset.class_counts, totals, strict=True))
+def summary(subset: Subset, scores: Tensor, kept: Tensor, groups: Tensor, url: str) -> str:
+    totals = torch.bincount(groups).tolist()
+    per_group = ", ".join(f"{k}/{t}" for k, t in zip(subset.header["kept_per_group"], totals, strict=False))
     dropped = torch.ones(len(scores), dtype=torch.bool)
     dropped[kept] = False
     dropped_mean = float(scores[dropped].mean()) if dropped.any() else float("nan")
-    return (f"kept {len(subset):,} of {len(index.keys):,} training samples ({len(subset) / len(index.keys):.1%}) in "
-            f"{storage.redact(url)}\n  per class (kept/all): {per_class}\n  mean score: kept "
-            f"{float(scores[kept].mean()):.4f}, dropped {dropped_mean:.4f}")
+    return (f"kept {len(subset):,} of {len(scores):,} training samples ({len(subset) / len(scores):.1%}) in "
+            f"{storage.redact(url)}\n  per {subset.header['groups']} (kept/all): "
+            f"{per_group}\n  mean score: kept {float(scores[kept].mean()):.4f}, dropped {dropped_mean:.4f}")
 
