@@ -98,7 +98,7 @@ def test_sigkill_mid_run_then_resume(ray_session, digits_shards, tmp_path, data)
     run_dir = tmp_path / "run"
     config = write_config(tmp_path / "buffer.yaml", str(run_dir), digits_shards)
     partial = run_dir / "trajectories" / "partial"
-    epochs = 30
+    epochs = 12  # enough that no expert finishes before the kill (at 3 saved epochs)
     overrides = [f"experts.train.epochs={epochs}", "resources.num_cpus=2",
                  f"data.cache={'memory' if data == 'cached' else 'none'}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ""}

@@ -84,6 +84,10 @@ class DSADraw:
         real and a synthetic batch) is one draw for the larger, its leading samples' values for the other."""
         return DSADraw(self.family, {k: v[:n] for k, v in self.values.items()})
 
+    def repeated(self, copies: int) -> DSADraw:
+        """The draw for ``copies`` copies of its batch stacked one after another (each sample keeps its values)."""
+        return DSADraw(self.family, {k: v.repeat(copies) for k, v in self.values.items()})
+
 
 class DSA:
     """Differentiable Siamese augmentation. Ratios are DSA's ``ParamDiffAug`` defaults.
