@@ -239,6 +239,9 @@ def load_initial_images(config: ExperimentConfig) -> torch.Tensor:
     ("distill.gradient=adjoint", r"distill\.gradient: Input should be 'unrolled' or 'exact'"),
     ("resources.distill_workers=2", r"distill_workers 2 runs data-parallel workers on Ray Train; it cannot be "
                                     r"combined with resources.use_ray false"),
+    ("selection.keep_ratio=0", r"selection\.keep_ratio: Input should be greater than 0"),
+    ("selection.keep_ratio=1.5", r"selection\.keep_ratio: Input should be less than or equal to 1"),
+    ("selection.score_at=9", r"selection.score_at 9 is not an epoch of the scoring runs"),
     ("distill.method=gm", r"distill: Input tag 'gm' found using 'method' does not match any of the expected tags"),
     ("distill.method=dm", r"distill\.expert_epochs: unknown key \(for dm\)"),
     ("distill.lr_text=5", r"distill\.lr_text: unknown key \(for mtt\)"),

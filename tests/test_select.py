@@ -136,6 +136,24 @@ def test_scores_and_subsets_keyed_by_sample_key_survive_resharding(digits, tmp_p
     assert sorted(read) == sorted(subset.keys)  # every kept sample, nothing else, whatever the layout
 
 
+def test_scores_or_a_subset_from_other_data_are_refused(digits, tmp_path):
+    config = load_config(ExperimentConfig, write_config(tmp_path, digits))
+    subset = select.run(config, LocalRuntime())
+    manifest = buffer.prepare_data(config)
+    scores_url = Path(selection_folder(config, manifest)) / "scores.json"
+    stored = storage.read_json(str(scores_url))
+    stored["header"]["data"] = "0123456789abcdef:train:8px:1ch:crop:norm"
+    storage.write_json(str(scores_url), stored)
+    Path(subset_url(config, manifest)).unlink()
+    with pytest.raises(EngineError, match=r"scores.json scores other data \(0123456789abcdef"):
+        select.run(config, LocalRuntime())
+
+    other = Subset(subset.keys | {"train-99999999"}, "another layout", {}, [], {})
+    with pytest.raises(EngineError, match="names 1 samples that are not in these shards"):
+        other.counts_on(manifest.fingerprint(), LocalRuntime().source(config.data).shard_names(),
+                        lambda: LocalRuntime().source(config.data, columns=("key", "shard")))
+
+
 def test_loss_scoring_runs_resume_after_sigkill(digits, tmp_path):
     """Kill `distill select` while its first scoring run is mid-way; the rerun resumes it from its last saved
     epoch, trains the second, and writes the subset."""

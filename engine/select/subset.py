@@ -81,6 +81,9 @@ class Subset:
         for chunk in key_source.decoded(names):
             for key, shard in zip(chunk["key"], chunk["shard"], strict=True):
                 counts[str(shard)] += str(key) in self.keys
+        if (found := sum(counts.values())) != len(self.keys):
+            raise DataError(f"the kept subset names {len(self.keys) - found:,} samples that are not in these shards "
+                            f"(of {len(self.keys):,}); it was chosen on other data: run `distill select` again")
         return counts
 
 

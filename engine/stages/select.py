@@ -239,6 +239,9 @@ def scores_of(config: ExperimentConfig, manifest: ShardManifest, index: SplitInd
     url = storage.join(selection_folder(config, manifest), SCORES)
     if storage.exists(url, config.storage):
         stored = storage.read_json(url, config.storage)
+        made_on = stored.get("header", {}).get("data")
+        if made_on != (ours := data_fingerprint(config, manifest, whole_split=True)):
+            raise DataError(f"{storage.redact(url)} scores other data ({made_on}, not {ours}); delete it to score again")
         keyed, groups = stored["scores"], stored["groups"]
         missing = [k for k in index.keys if k not in keyed]
         if missing:
