@@ -65,6 +65,8 @@ def shrink(raw: dict, root: Path) -> dict:
     evaluate["train"] = dict(evaluate.get("train", {}), epochs=1)
     if raw.get("prepare", {}).get("format") == "captions-csv":  # pairs: sizes that fit 24 generated images
         pipeline["ipcs"], evaluate["sizes"] = [4], [4, 8]
+    if not raw.get("prepare"):  # generated clips: 4 training clips per class, about 2 after a half is selected
+        pipeline["ipcs"] = [1, 2]
     raw["resources"] = {"use_ray": False}
     return raw
 

@@ -554,7 +554,8 @@ def test_bad_sources_fail_with_one_clear_line(tmp_path):
     with pytest.raises(DataError, match=r"no usable samples in .*bad: 1 skipped \(unreadable image 1\)"):
         _shard("imagefolder", tmp_path / "bad", tmp_path / "out")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
-    assert FORMATS == ("imagefolder", "captions-csv", "coco-captions", "karpathy-json", "video", "digits")
+    assert FORMATS == ("imagefolder", "captions-csv", "coco-captions", "karpathy-json", "video", "digits",
+                       "moving-digits", "moving-digits-motion")
 
 
 def test_cli_prints_a_summary(tmp_path, capsys):
