@@ -17,6 +17,7 @@ from engine.data.stream import EpochOrder, EpochStream, StreamedImages
 from engine.data.writers import shard_dataset
 from engine.distill.base import init_synthetic
 from engine.distill.mtt import Config as MTTConfig
+from engine.distill.real import StreamClassBatches
 from engine.errors import DataError
 from engine.runtime.data import RayShardSource
 
@@ -118,3 +119,21 @@ def test_streamed_initialisation_and_coresets_pick_the_same_samples(digits_shard
     torch.testing.assert_close(streamed[positions], in_memory.images[positions].float() / 255, rtol=0, atol=0)
     every = torch.cat(list(streamed.batches()))
     torch.testing.assert_close(every, in_memory.images.float() / 255, rtol=0, atol=0)
+
+
+def test_class_batches_drop_samples_pruned_while_they_wait_in_the_queue(digits_shards):
+    config = DataConfig(shards=digits_shards, image_size=8, channels=1)
+    streamed = StreamedImages(ShardReader(config, columns=("image", "label", "key")), lambda x: x.float() / 255,
+                              (1, 8, 8))
+    counts = torch.bincount(load_in_memory(config).labels, minlength=10).tolist()
+    pruned: set[str] = set()
+    batches = StreamClassBatches(streamed, counts, classes=[0, 1], batch_size=4, seed=0, shuffle_buffer=16,
+                                 skip=pruned)
+    batches.batch(1)  # rows of class 0 met on the way wait in its queue
+    waiting = [str(row["key"]) for row in batches.queues[0]]
+    assert len(waiting) >= 2
+    pruned.update(waiting[1:])  # causal pruning judges samples that are already queued, not the first
+    for _ in range(counts[0]):
+        _, keys = batches.batch(0)
+        assert not pruned & set(keys), "a pruned sample was compared with"
+    assert batches.skipped[0] == set(waiting[1:])

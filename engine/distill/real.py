@@ -94,10 +94,11 @@ class StreamClassBatches:
     def batch(self, c: int) -> tuple[Tensor, list[str]]:
         if c not in self.queues:
             raise ValueError(f"class {c} is not one of this sampler's classes")
+        pruned = {str(r["key"]) for r in self.queues[c]} & self.skip  # pruned since they were queued
+        if pruned:  # rebuilt, not deque.remove: rows hold arrays, which have no truth value to compare by
+            self.queues[c] = deque(r for r in self.queues[c] if str(r["key"]) not in pruned)
+            self.skipped[c] |= pruned
         queue = self.queues[c]
-        for row in [r for r in queue if str(r["key"]) in self.skip]:  # pruned since it was queued
-            queue.remove(row)
-            self.skipped[c].add(str(row["key"]))
         # Within one epoch every skipped sample of the class is met, so the wanted size stops shrinking and
         # the queue (which keeps up to 2n rows of the class) reaches it.
         while len(queue) < (n := batch_size_of(c, self.counts, self.batch_size, len(self.skipped[c]))):
