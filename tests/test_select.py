@@ -136,7 +136,7 @@ def test_scores_and_subsets_keyed_by_sample_key_survive_resharding(digits, tmp_p
     assert sorted(read) == sorted(subset.keys)  # every kept sample, nothing else, whatever the layout
 
 
-def test_scores_or_a_subset_from_other_data_are_refused(digits, tmp_path):
+def test_scores_or_a_subset_from_other_data_or_emptying_a_class_are_refused(digits, tmp_path):
     config = load_config(ExperimentConfig, write_config(tmp_path, digits))
     subset = select.run(config, LocalRuntime())
     manifest = buffer.prepare_data(config)
@@ -147,6 +147,11 @@ def test_scores_or_a_subset_from_other_data_are_refused(digits, tmp_path):
     Path(subset_url(config, manifest)).unlink()
     with pytest.raises(EngineError, match=r"scores.json scores other data \(0123456789abcdef"):
         select.run(config, LocalRuntime())
+
+    emptied = Subset(subset.keys, subset.layout, subset.shard_counts, [0, *subset.class_counts[1:]], subset.header)
+    emptied.save(str(tmp_path / "emptied.json"))
+    with pytest.raises(EngineError, match=r"emptied.json: the kept subset leaves class 0 with zero samples"):
+        Subset.load(str(tmp_path / "emptied.json"))
 
     other = Subset(subset.keys | {"train-99999999"}, "another layout", {}, [], {})
     with pytest.raises(EngineError, match="names 1 samples that are not in these shards"):

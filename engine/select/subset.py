@@ -67,8 +67,10 @@ class Subset:
             raise DataError(f"{storage.redact(url)}: not a kept-subset file (missing {err})") from None
         if subset.fingerprint != raw.get("fingerprint"):
             raise DataError(f"{storage.redact(url)}: its keys do not match its fingerprint (edited or truncated?)")
+        if empty := [c for c, count in enumerate(subset.class_counts) if count < 1]:
+            raise DataError(f"{storage.redact(url)}: the kept subset leaves class {empty[0]} with zero samples; "
+                            "choose it again with a larger selection.keep_ratio")
         return subset
-
 
     def counts_on(self, layout: str, names: Sequence[str], key_source: Callable[[], ShardSource]) -> dict[str, int]:
         """Kept samples per shard ``names`` of the shards whose fingerprint is ``layout``: the recorded counts
