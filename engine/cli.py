@@ -24,6 +24,7 @@ JOBS: dict[str, tuple[str, str]] = {
                  "its variants"),
     "sweep": ("jobs.sweep", "search distillation hyper-parameters with Ray Tune (ASHA); best config as YAML"),
     "evaluate": ("jobs.evaluate", "train fresh networks on distilled sets and coresets; results.json + a table"),
+    "labels": ("jobs.labels", "students under hard, stored soft and projected (HeLlO) labels; RDED images"),
 }
 
 PRINT_CONFIG = "--print-config"

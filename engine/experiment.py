@@ -23,6 +23,7 @@ from engine.distill.matching import TrajectoryMatchingConfig
 from engine.errors import ConfigError
 from engine.evaluate.train import TrainConfig
 from engine.labels import LABEL_SOURCES
+from engine.labels.config import LabelsConfig
 from engine.models.registry import ARCHITECTURES, LoraSpec, check_arguments, check_selection, declared_groups
 from engine.resources import ResourcesConfig
 from engine.search import SweepConfig
@@ -168,6 +169,8 @@ class ExperimentConfig(JobConfig):
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
+    labels: LabelsConfig | None = Field(None, description="Label-space lightening (HeLlO): students of small sets "
+                                        "with hard, stored soft and projected labels (`distill labels`).")
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
 
     @model_validator(mode="before")
@@ -204,7 +207,33 @@ class ExperimentConfig(JobConfig):
             self._check_window(f"pipeline.per_ipc.{ipc}", self.distill_for(ipc))  # now, not mid-pipeline
         for name in self.pipeline.variants:
             self.variant(name)  # each variant is a valid config, checked now
+        if self.labels is not None:
+            self._check_labels(self.labels)
         return self
+
+    def _check_labels(self, labels: LabelsConfig) -> None:
+        if labels.teacher_expert >= self.experts.num_experts:
+            raise ValueError(f"labels.teacher_expert {labels.teacher_expert}: the store has experts 0 .. "
+                             f"{self.experts.num_experts - 1}")
+        epochs = [*labels.projector.teacher_epochs, *([labels.teacher_epoch] if labels.teacher_epoch else [])]
+        if any(e > self.experts.train.epochs for e in epochs):
+            raise ValueError(f"labels: teacher epochs {epochs} go past experts.train.epochs ({self.experts.train.epochs})")
+        if "hello" in labels.kinds:
+            encoder = self.label_encoder()
+            if encoder.experts.train.objective != "contrastive" or not encoder.model.arch.startswith("clip"):
+                raise ValueError("labels.encoder must make a dual encoder trained contrastively (model.arch clip..., "
+                                 "experts.train.objective contrastive)")
+
+    def label_encoder(self) -> ExperimentConfig:
+        """The config whose expert 0 is HeLlO's dual encoder: ``labels.encoder`` applied to this one, in
+        <run_dir>/labels/encoder."""
+        assert self.labels is not None
+        defaults = {"run_dir": storage.join(self.run_dir, "labels", "encoder"), "labels": None,
+                    "pipeline.variants": {}, "selection": {"method": "none"}, "experts.store": None}
+        try:
+            return with_overrides(self, {**defaults, **self.labels.encoder})
+        except ConfigError as err:
+            raise ValueError(f"labels.encoder: {str(err).split(': ', 1)[-1]}") from None
 
     def variant(self, name: str) -> ExperimentConfig:
         """The config of ``pipeline.variants[name]``: this one with the variant's keys, in its own folder."""

@@ -8,6 +8,7 @@
            <run_dir>/distill/<method>/ipc-<k>/ (resumed from its checkpoint when interrupted)
     -> the distilled sets of the config and of every variant against coresets of the same sizes, in one
        table: <run_dir>/results.json and results.md
+A config with a ``labels`` section runs the label-space experiment instead (`distill labels`, jobs/labels.py).
 
 Every step resumes, so running the same command again after an interruption redoes no finished work.
 """
@@ -26,6 +27,7 @@ from engine.select import NEEDS_EXPERT
 from jobs.buffer import run_buffer
 from jobs.distill import run_distill
 from jobs.evaluate import run_evaluate
+from jobs.labels import run_labels
 from jobs.select import run_select
 
 
@@ -46,6 +48,10 @@ def distill_sizes(config: ExperimentConfig, name: str, evaluates_coresets: bool)
 def run_pipeline(config: ExperimentConfig) -> list[dict[str, Any]]:
     started = time.time()
     storage.write_text(storage.join(config.run_dir, "config.yaml"), to_yaml(config), config.storage)
+    if config.labels is not None:
+        rows = run_labels(config)
+        print(f"pipeline finished in {(time.time() - started) / 60:.1f} min", flush=True)
+        return rows
     distill_sizes(config, config.distill.method, evaluates_coresets=True)
     for name in config.pipeline.variants:
         distill_sizes(config.variant(name), name, evaluates_coresets=False)

@@ -67,8 +67,30 @@ def shrink(raw: dict, root: Path) -> dict:
         pipeline["ipcs"], evaluate["sizes"] = [4], [4, 8]
     if not raw.get("prepare"):  # generated clips: 4 training clips per class, about 2 after a half is selected
         pipeline["ipcs"] = [1, 2]
+    if raw.get("labels"):
+        raw["labels"] = shrink_labels(raw["labels"], raw["data"], root)
     raw["resources"] = {"use_ray": False}
     return raw
+
+
+def shrink_labels(labels: dict, data: dict, root: Path) -> dict:
+    """One image per class, students and projector one tiny step, the dual encoder on generated pairs and a
+    tower pre-trained for one epoch on the generated training split."""
+    labels = dict(labels, ipc=1)
+    labels["student"] = dict(labels.get("student", {}), epochs=2, batch_size=3)
+    labels["rded"] = dict(labels.get("rded", {}), images_per_class=8, crops=2)
+    labels["projector"] = dict(labels.get("projector", {}), teacher_epochs=[1, 2], epochs=1, max_batches=1)
+    encoder = dict(labels.get("encoder", {}))
+    if encoder:
+        encoder["data"] = dict(encoder["data"], shards=str(root / "encoder-shards"))
+        encoder["prepare"] = generated_sources(encoder["prepare"], encoder["data"], root / "encoder")
+        encoder["pretrain"] = dict(encoder["pretrain"], data=dict(encoder["pretrain"]["data"], shards=data["shards"]),
+                                   checkpoint=str(root / "encoder-tower.safetensors"))
+        encoder["pretrain"]["train"] = dict(encoder["pretrain"].get("train", {}), epochs=1)
+        encoder["experts"] = dict(encoder["experts"], num_experts=1)
+        encoder["experts"]["train"] = dict(encoder["experts"]["train"], epochs=1)
+        labels["encoder"] = encoder
+    return labels
 
 
 def tiny_distill(distill: dict, keep_method: bool = True) -> dict:
@@ -123,6 +145,10 @@ def test_config_runs_end_to_end_on_generated_data(path, tmp_path):
     raw = shrink(yaml.safe_load(path.read_text()), tmp_path)
     config = validate(ExperimentConfig, raw, str(path))
     rows = pipeline.run_pipeline(config)
+    if config.labels is not None:  # a label-space experiment: a row per (kind of labels, images)
+        assert {r["method"] for r in rows} == {f"{k}:{i}" for k in config.labels.kinds for i in config.labels.images}
+        assert json.loads((tmp_path / "run" / "labels" / "results.json").read_text())["rows"] == rows
+        return
     name = f"distilled:{config.distill.method}"
     assert {r["size"] for r in rows if r["method"] == name} == set(config.pipeline.ipcs)
     assert any(r["method"] == f"{name} (best val)" for r in rows)

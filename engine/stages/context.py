@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from engine import storage
 from engine.data.manifest import ShardManifest
@@ -27,9 +27,12 @@ from engine.distill.synthetic import CHECKPOINT_NAME, FILE_NAME
 from engine.errors import ConfigError, DataError
 from engine.experiment import ExperimentConfig, ModelConfig
 from engine.models.clip import text_settings
+from engine.models.params import set_flat
 from engine.models.registry import ARCHITECTURES, ModelSpec
 from engine.select.subset import KeptSamples, Subset
 from engine.stages import Runtime
+from engine.trajectories.experts import build_shared_frozen
+from engine.trajectories.store import TrajectoryStore
 
 
 def prepare_data(config: ExperimentConfig) -> ShardManifest:
@@ -216,3 +219,21 @@ def distill_dir(config: ExperimentConfig, ipc: int, method: str | None = None) -
 
 def _holds_a_run(folder: str, config: ExperimentConfig) -> bool:
     return any(storage.exists(storage.join(folder, name), config.storage) for name in (FILE_NAME, CHECKPOINT_NAME))
+
+
+def expert_snapshot(config: ExperimentConfig, manifest: ShardManifest, expert: int, epoch: int | None,
+                    device: torch.device) -> nn.Module:
+    """Expert ``expert`` of the config's trajectory store at ``epoch`` (None: its last), in eval mode: its
+    recorded parameters from the store, its frozen ones rebuilt from experts.seed as the experts built them."""
+    url = storage.redact(config.store_url)
+    store = TrajectoryStore.open(config.store_url, config.storage)
+    if expert not in store.experts():
+        raise DataError(f"{url}: no complete expert {expert} (it holds {store.experts()}); run `distill buffer`")
+    epoch = store.num_epochs if epoch is None else epoch
+    if not 0 <= epoch <= store.num_epochs:
+        raise DataError(f"{url}: expert {expert} has no snapshot of epoch {epoch} (epochs 0 .. {store.num_epochs})")
+    model, names = build_shared_frozen(model_spec(config, manifest), config.experts.record,
+                                       frozen_seed=config.experts.seed, seed=config.experts.seed)
+    params = store.load_epochs(expert, [epoch])[epoch]
+    set_flat(model, names, torch.cat([params[n].flatten() for n in names]))
+    return model.to(device).eval()

@@ -46,7 +46,6 @@ from engine.evaluate.run import EvaluatedSet, evaluate_sets, results_table, scor
 from engine.evaluate.tasks import ClassificationTask, ClipClassificationTask, RetrievalTask, Task
 from engine.experiment import DISTILLED, ExperimentConfig
 from engine.labels import LABEL_SOURCES
-from engine.models.params import set_flat
 from engine.models.registry import build_model
 from engine.plots import metric_by_size_png
 from engine.provenance import package_versions, source_commit
@@ -61,6 +60,7 @@ from engine.stages.context import (
     caption_table,
     data_fingerprint,
     distill_dir,
+    expert_snapshot,
     fitted_preprocess,
     load_preprocess,
     load_split,
@@ -221,11 +221,7 @@ class Experiment:
     def expert_model(self) -> nn.Module:
         """Expert 0 of the store at its last epoch."""
         store = TrajectoryStore.open(self.config.store_url, self.config.storage)
-        model, names = build_shared_frozen(model_spec(self.config, self.manifest), self.config.experts.record,
-                                           frozen_seed=self.config.experts.seed, seed=self.config.experts.seed)
-        params = store.load_epochs(store.experts()[0], [store.num_epochs])[store.num_epochs]
-        set_flat(model, names, torch.cat([params[n].flatten() for n in names]))
-        return model.to(self.device)
+        return expert_snapshot(self.config, self.manifest, store.experts()[0], None, self.device)
 
     @functools.cache  # noqa: B019  (one Experiment per evaluation run)
     def classifier_features(self) -> Tensor:
