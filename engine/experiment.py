@@ -215,7 +215,7 @@ class ExperimentConfig(JobConfig):
         if labels.teacher_expert >= self.experts.num_experts:
             raise ValueError(f"labels.teacher_expert {labels.teacher_expert}: the store has experts 0 .. "
                              f"{self.experts.num_experts - 1}")
-        epochs = [*labels.projector.teacher_epochs, *([labels.teacher_epoch] if labels.teacher_epoch else [])]
+        epochs = [*(labels.projector.teacher_epochs or []), *([labels.teacher_epoch] if labels.teacher_epoch else [])]
         if any(e > self.experts.train.epochs for e in epochs):
             raise ValueError(f"labels: teacher epochs {epochs} go past experts.train.epochs ({self.experts.train.epochs})")
         if "hello" in labels.kinds:

@@ -189,7 +189,11 @@ def test_only_the_adapters_and_the_head_update_train_and_are_stored(tmp_path):
     changed = {name for name, p in projector.named_parameters() if not torch.equal(p, before[name])}
     assert changed and changed <= trainable
     fresh = build_projector(small_dual_encoder(), torch.randn(3, 16), 0.07, ProjectorConfig(tower_rank=2, head_rank=3))
-    load_adapter_state(fresh, adapter_state(projector), "adapters.safetensors")
+    stored = adapter_state(projector, torch.float16)
+    assert all(t.dtype == torch.float16 for t in stored.values())
+    load_adapter_state(fresh, stored, "adapters.safetensors")
+    loaded = dict(fresh.named_parameters())
+    assert all(torch.equal(loaded[name], value.float()) for name, value in stored.items())
     wrong = build_projector(small_dual_encoder(), torch.randn(4, 16), 0.07, ProjectorConfig(tower_rank=2, head_rank=3))
     with pytest.raises(ValueError, match=r"adapters.safetensors: head_down is \(3, 3\)"):
         load_adapter_state(wrong, adapter_state(projector), "adapters.safetensors")

@@ -19,6 +19,7 @@ student needs besides the dual encoder everyone already has.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 from engine.config import Section
 from engine.models.lora import add_lora
 from engine.models.params import is_lora_parameter, train_mode
+from engine.optim import seeded_global_rng
 
 HEAD_PARAMETERS = ("head_down", "head_up")
 
@@ -40,14 +42,16 @@ class ProjectorConfig(Section):
     tower_alpha: float = Field(16.0, gt=0)
     target_modules: list[str] = Field(default_factory=lambda: ["conv"], description="Tower modules adapted.")
     head_rank: int = Field(8, ge=1, description="Rank of the head's update U V.")
-    teacher_epochs: list[int] = Field(default_factory=lambda: [2, 5], description="Weak teachers: epochs of the "
-                                      "teacher expert whose soft labels the projector imitates.")
+    teacher_epochs: list[int] | None = Field(None, description="Weak teachers: epochs of the teacher expert "
+                                             "whose mean soft label the projector imitates (None: the teacher).")
     temperature: float = Field(4.0, gt=0, description="Softmax temperature of the soft labels it imitates.")
     ce_weight: float = Field(0.1, ge=0, description="λ: weight of the cross-entropy to the hard labels.")
     epochs: int = Field(1, ge=1, description="Epochs over the real training split.")
     batch_size: int = Field(128, ge=1)
     lr: float = Field(1e-3, gt=0, description="Adam learning rate of the adapters and the head update.")
     max_batches: int | None = Field(None, ge=1, description="Stop each epoch after this many batches (None: all).")
+    store_dtype: Literal["float16", "float32"] = Field(
+        "float16", description="How the adapters are stored; students are labelled by the stored values.")
 
 
 def class_prompts(names: Sequence[str], template: str) -> list[str]:
@@ -63,7 +67,9 @@ class Projector(nn.Module):
         self.tower, self.image_head = tower, image_head
         self.register_buffer("class_text", F.normalize(class_text, dim=-1))  # (classes, E)
         self.head_down = nn.Parameter(torch.zeros(len(class_text), head_rank))
-        self.head_up = nn.Parameter(torch.randn(head_rank, class_text.shape[1]) / class_text.shape[1] ** 0.5)
+        generator = torch.Generator().manual_seed(0)  # U = 0 makes the start zero-shot whatever V is; V seeded
+        self.head_up = nn.Parameter(torch.randn(head_rank, class_text.shape[1], generator=generator)
+                                    / class_text.shape[1] ** 0.5)
         self.scale = 1.0 / temperature
 
     def embed(self, x: Tensor) -> Tensor:
@@ -80,7 +86,8 @@ def build_projector(encoder: nn.Module, class_text: Tensor, temperature: float, 
     """A projector on ``encoder``'s image tower and head (a ``DualEncoder``, its weights frozen), adapters
     added to the tower; afterwards only the adapters and the head update require grad."""
     encoder.requires_grad_(False)
-    tower = add_lora(encoder.image_encoder, config.target_modules, config.tower_rank, config.tower_alpha)
+    with seeded_global_rng(0):  # peft draws the A matrices from the global generator
+        tower = add_lora(encoder.image_encoder, config.target_modules, config.tower_rank, config.tower_alpha)
     projector = Projector(tower, encoder.image_head, class_text, temperature, config.head_rank)
     for name, param in projector.named_parameters():
         param.requires_grad_(is_stored(name))
@@ -91,9 +98,10 @@ def is_stored(name: str) -> bool:
     return name in HEAD_PARAMETERS or is_lora_parameter(name)
 
 
-def adapter_state(projector: Projector) -> dict[str, Tensor]:
+def adapter_state(projector: Projector, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
     """What HeLlO stores: the tower's adapters and the head update, nothing else."""
-    return {name: p.detach().cpu().contiguous() for name, p in projector.named_parameters() if is_stored(name)}
+    return {name: p.detach().cpu().to(dtype).contiguous() for name, p in projector.named_parameters()
+            if is_stored(name)}
 
 
 def load_adapter_state(projector: Projector, state: dict[str, Tensor], source: str) -> None:
@@ -106,7 +114,7 @@ def load_adapter_state(projector: Projector, state: dict[str, Tensor], source: s
         for name, value in state.items():
             if params[name].shape != value.shape:
                 raise ValueError(f"{source}: {name} is {tuple(value.shape)}, the projector's {tuple(params[name].shape)}")
-            params[name].copy_(value)
+            params[name].copy_(value.to(params[name].dtype))
 
 
 def soft_targets(teachers: Sequence[nn.Module], x: Tensor, temperature: float) -> Tensor:

@@ -182,8 +182,8 @@ def ensure_projector(config: ExperimentConfig, experiment: Experiment, weak_teac
                 raise DataError(str(err)) from None
             log(f"projector adapters: {storage.redact(url)} (already fitted)")
             return on_inputs, stored["report"]
-    log(f"fitting the projector's adapters to {len(weak_teachers)} weak teachers (epochs {cfg.teacher_epochs}) "
-        f"on the training stream")
+    log(f"fitting the projector's adapters to {len(weak_teachers)} teacher(s) (epochs "
+        f"{cfg.teacher_epochs or [labels.teacher_epoch or 'last']}) on the training stream")
     augment_views = ViewsConfig(scale_min=labels.student.views.scale_min, flip=True, cutmix=0.0)
     generator = torch.Generator().manual_seed(labels.seed)
 
@@ -193,10 +193,11 @@ def ensure_projector(config: ExperimentConfig, experiment: Experiment, weak_teac
 
     batches = experiment.training_batches(labels.seed, cfg.batch_size)
     history = fit_projector(on_inputs, batches.epoch, weak_teachers, cfg, augment, log)
-    adapted = accuracy(on_inputs, val_x, val_y)
-    state = adapter_state(projector)
-    data = save_safetensors(state)
+    data = save_safetensors(adapter_state(projector, getattr(torch, cfg.store_dtype)))
     storage.write_bytes(url, data, config.storage)
+    state = load_safetensors(data)
+    load_adapter_state(projector, state, storage.redact(url))  # students are labelled by what is stored
+    adapted = accuracy(on_inputs, val_x, val_y)
     stored_parameters = sum(t.numel() for t in state.values())
     trainable, total = count_parameters(projector)
     report = {"zero_shot_accuracy": round(zero_shot, 4), "adapted_accuracy": round(adapted, 4),
@@ -266,8 +267,9 @@ def run(config: ExperimentConfig, runtime: Runtime, log: Callable[[str], None] =
         f"% on the {config.evaluate.split} split")
     projector, projector_report = None, None
     if "hello" in labels.kinds:
-        weak = [expert_snapshot(config, manifest, labels.teacher_expert, e, device)
-                for e in labels.projector.teacher_epochs]
+        epochs = labels.projector.teacher_epochs
+        weak = [teacher] if epochs is None else [expert_snapshot(config, manifest, labels.teacher_expert, e, device)
+                                                 for e in epochs]
         projector, projector_report = ensure_projector(config, experiment, weak, log)
     rows = []
     for kind in labels.images:
