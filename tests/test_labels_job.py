@@ -11,7 +11,7 @@ import torch
 import yaml
 from test_configs import shrink
 
-from engine.config import validate
+from engine.config import validate, with_overrides
 from engine.errors import DataError
 from engine.experiment import ExperimentConfig
 from engine.stages.context import expert_snapshot, prepare_data
@@ -69,3 +69,11 @@ def test_teacher_epochs_past_the_experts_are_refused_at_load():
     raw["labels"]["projector"]["teacher_epochs"] = [3, 40]
     with pytest.raises(Exception, match=r"labels: teacher epochs \[3, 40\] go past experts.train.epochs \(10\)"):
         validate(ExperimentConfig, raw, str(CONFIG))
+
+
+def test_the_distilled_set_is_an_image_source_too(hello):
+    config, _ = hello
+    distilled = with_overrides(config, {"labels.images": ["distilled"], "labels.kinds": ["hard", "soft-stored"]})
+    rows = run_labels(distilled)
+    assert [r["method"] for r in rows] == ["hard:distilled", "soft-stored:distilled"]
+    assert (Path(config.run_dir) / "labels" / "distilled" / "grid.png").exists()
