@@ -239,8 +239,8 @@ def test_non_adjacent_members_name_the_shard(ray_session, tmp_path):
         load_in_memory(config)
     with pytest.raises(DataError, match=r"shard train-000001.tar: members of sample 'k0' are not adjacent"):
         consume(read_shards(config))
-    # Without shard_errors(), Ray's own message still names the tar.
-    with pytest.raises(ValueError, match=r"train-000001.tar"):
+    # Without shard_errors(), Ray's task error is still the DataError naming the tar.
+    with pytest.raises(DataError, match=r"train-000001.tar"):
         read_shards(config).take_all()
 
 

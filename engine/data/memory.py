@@ -1,8 +1,8 @@
 """Decoding samples into fixed-size arrays, and whole (small) splits in memory without Ray.
 
-``SampleDecoder`` turns raw samples into the columns below; the Ray Data reader
-(``engine.runtime.data``) runs it in ``map_batches`` and ``load_in_memory`` runs it here, shard after
-shard, so both give identical arrays. Output columns / ``InMemoryData`` fields:
+``SampleDecoder`` turns raw samples into the columns below; ``ShardReader`` runs it shard after shard,
+here (``load_in_memory``, an expert decoding its own stream) and in the Ray Data reader's tasks
+(``engine.runtime.data``), so every path gives identical arrays. Output columns / ``InMemoryData`` fields:
 
     image         uint8 (C, H, W)                         image and image-text data
     video         uint8 (T, C, H, W)                      video data
@@ -36,9 +36,7 @@ from engine.storage import StorageConfig
 if TYPE_CHECKING:
     import torch
 
-TARGET_BATCH_BYTES = 64 * 1024 * 1024  # decoded bytes per map_batches batch
-MAX_BATCH_SIZE = 512
-IN_MEMORY_CHUNK = 256  # samples decoded (and captions tokenized) together by load_in_memory
+IN_MEMORY_CHUNK = 256  # samples decoded (and captions tokenized) together, with or without Ray
 CAPTION_COLUMNS = ("captions", "num_captions", "tokens")
 
 
@@ -63,8 +61,7 @@ def check_columns(columns: Sequence[str], modality: str, tokenizer: str | None) 
 class SampleDecoder:
     """Raw samples -> a batch of fixed-size numpy columns. Used by both readers.
 
-    As a ``map_batches`` function it takes Ray's numpy batches of raw members; it holds no state but
-    the tokenizer, loaded on first use in the process that decodes. ``keep``: decode only the samples
+    It holds no state but the tokenizer, loaded on first use in the process that decodes. ``keep``: decode only the samples
     with these keys (a kept subset, ``engine.select.subset``); the others are dropped undecoded.
     """
 
@@ -76,25 +73,6 @@ class SampleDecoder:
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_tokenizer": None}  # each Ray worker loads its own tokenizer
-
-    @property
-    def member_kinds(self) -> list[str]:
-        """The members the columns need: others are dropped while reading."""
-        needed = {"image": "image", "video": "video", "label": "cls"}
-        kinds = {needed[c] for c in self.columns if c in needed}
-        if any(c in CAPTION_COLUMNS for c in self.columns):
-            kinds.add("json")
-        return sorted(kinds)
-
-    @property
-    def batch_size(self) -> int:
-        side = self.config.image_size
-        frames = self.config.frames if "video" in self.columns else 1
-        sample_bytes = self.config.channels * side * side * frames  # uint8
-        return int(np.clip(TARGET_BATCH_BYTES // sample_bytes, 1, MAX_BATCH_SIZE))
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.decode(list(_raw_samples(batch)))
 
     def decode(self, samples: Sequence[RawSample]) -> dict[str, np.ndarray]:
         if self.keep is not None:
@@ -137,18 +115,6 @@ class SampleDecoder:
             self._tokenizer = load_tokenizer(self.config.tokenizer, self.config.context_length)
         ids = self._tokenizer([text for captions in fitted for text in captions])
         return ids.reshape(len(fitted), self.config.max_captions, self.config.context_length)
-
-
-def _raw_samples(batch: dict[str, np.ndarray]) -> Iterator[RawSample]:
-    """Ray's batch of raw members (``__key__``, ``__url__``, one column per member kind) -> samples."""
-    kinds = [k for k in batch if not k.startswith("__")]
-    for i, (key, url) in enumerate(zip(batch["__key__"], batch["__url__"], strict=True)):
-        members = {k: _bytes_or_none(batch[k][i]) for k in kinds}
-        yield RawSample(key=str(key), shard=str(url).rsplit("/", 1)[-1], members=members)
-
-
-def _bytes_or_none(value: Any) -> bytes | None:
-    return value if isinstance(value, bytes) else None  # missing members come through as None or NaN
 
 
 def _required(sample: RawSample, kind: str) -> bytes:
@@ -235,8 +201,8 @@ class ShardReader:
 
     def __init__(self, config: DataConfig, storage_config: StorageConfig | None = None,
                  columns: Sequence[str] | None = None, shard_set: ShardSet | None = None, threads: int = 1,
-                 keep: frozenset[str] | None = None):
-        self.config, self.storage_config = config, storage_config
+                 keep: frozenset[str] | None = None, check_counts: bool = True):
+        self.config, self.storage_config, self.check_counts = config, storage_config, check_counts
         self.shard_set = shard_set or resolve_shards(config.shards, config.split, storage_config)
         self.decoder = SampleDecoder(config, columns or columns_for(self.shard_set.modality, config.tokenizer), keep)
         self.urls = {url.rsplit("/", 1)[-1]: url for url in self.shard_set.urls}
@@ -251,7 +217,8 @@ class ShardReader:
 
     def decoded(self, names: Sequence[str]) -> Iterator[dict[str, np.ndarray]]:
         raw = (chunk for name in names for chunk in _chunks(
-            iter_shards(replace(self.shard_set, urls=[self.urls[name]]), self.storage_config), IN_MEMORY_CHUNK))
+            iter_shards(replace(self.shard_set, urls=[self.urls[name]]), self.storage_config, self.check_counts),
+            IN_MEMORY_CHUNK))
         if self.threads == 1:
             yield from map(self.decoder.decode, raw)
             return
