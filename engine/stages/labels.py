@@ -96,7 +96,7 @@ def image_set(config: ExperimentConfig, experiment: Experiment, kind: str, teach
     if storage.exists(url, config.storage):
         data = storage.read_bytes(url, config.storage)
         tensors = load_safetensors(data)
-        if json.loads(json.dumps(_metadata(data).get("key"))) == key:
+        if _metadata(data).get("key") == key:
             return tensors["images"], tensors["labels"]
     if kind == "random":
         images, targets = experiment.pool.coreset("random", labels.ipc, labels.seed)
