@@ -93,7 +93,7 @@ def image_set(config: ExperimentConfig, experiment: Experiment, kind: str, teach
         config, experiment.manifest), "teacher": teacher_id if kind == "rded" else None,
         "rded": labels.rded.model_dump() if kind == "rded" else None}, sort_keys=True)
     url = labels_dir(config, kind, "images.safetensors")
-    if storage.exists(url, config.storage):
+    if kind != "distilled" and storage.exists(url, config.storage):  # a distilled set is read from its folder
         data = storage.read_bytes(url, config.storage)
         tensors = load_safetensors(data)
         if _metadata(data).get("key") == key:
