@@ -1,8 +1,9 @@
 """Label sources: what a network trained on an evaluated set learns each augmented view's label from.
 
 ``stored``: the labels stored with the set (class indices; a distilled set's learned soft-label logits).
-Soft-label stores (teacher logits per view, replayed) and label generators (HeLlO: a projector that
-labels each view online) plug in here as further entries of ``LABEL_SOURCES``.
+The label-space experiment (``distill labels``) trains its students on stored views instead: its kinds
+of labels (hard, a soft-label store replayed, HeLlO's projector online) are the ``VIEW_LABELS`` table of
+``engine.stages.labels``, over one student loop (``engine.labels.student``).
 """
 
 from __future__ import annotations

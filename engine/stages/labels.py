@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -254,6 +255,38 @@ def student_rows(config: ExperimentConfig, experiment: Experiment, kind: str, im
     return rows
 
 
+@dataclass
+class Given:
+    """What a kind of labels is built from, for one image set."""
+
+    config: ExperimentConfig
+    kind: str  # the image source
+    images: Tensor
+    teacher: nn.Module
+    teacher_id: str
+    device: torch.device
+    projector: nn.Module | None
+    projector_report: dict[str, Any] | None
+
+
+def drawn_views(given: Given, label: Callable[[Tensor], Tensor] | None = None) -> DrawnViews:
+    labels = given.config.labels
+    return DrawnViews(len(given.images), given.images.shape[-1], labels.student, labels.seed, label=label)
+
+
+def stored_labels(given: Given) -> tuple[Any, int]:
+    store = soft_label_store(given.config, given.kind, given.images, given.teacher, given.teacher_id, given.device)
+    return ReplayedViews(store), store.bytes
+
+
+# labels.kinds -> (the student's views and their soft labels, the bytes they need stored)
+VIEW_LABELS: dict[str, Callable[[Given], tuple[Any, int]]] = {
+    "hard": lambda given: (drawn_views(given), 0),
+    "soft-stored": stored_labels,
+    "hello": lambda given: (drawn_views(given, label=given.projector), given.projector_report["stored_bytes"]),
+}
+
+
 def run(config: ExperimentConfig, runtime: Runtime, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Every image source under every kind of labels; writes and returns the rows."""
     labels: LabelsConfig = config.labels
@@ -275,16 +308,8 @@ def run(config: ExperimentConfig, runtime: Runtime, log: Callable[[str], None] =
     for kind in labels.images:
         images, targets = image_set(config, experiment, kind, teacher, teacher_id)
         log(f"{kind} images: {len(images)} ({labels.ipc} per class) in {storage.redact(labels_dir(config, kind))}")
-        sources: dict[str, tuple[Any, int]] = {}
-        for label_kind in labels.kinds:
-            if label_kind == "hard":
-                sources["hard"] = (DrawnViews(len(images), images.shape[-1], labels.student, labels.seed), 0)
-            elif label_kind == "soft-stored":
-                store = soft_label_store(config, kind, images, teacher, teacher_id, device)
-                sources["soft-stored"] = (ReplayedViews(store), store.bytes)
-            else:
-                with_labels = DrawnViews(len(images), images.shape[-1], labels.student, labels.seed, label=projector)
-                sources["hello"] = (with_labels, projector_report["stored_bytes"])
+        given = Given(config, kind, images, teacher, teacher_id, device, projector, projector_report)
+        sources = {label_kind: VIEW_LABELS[label_kind](given) for label_kind in labels.kinds}
         rows += student_rows(config, experiment, kind, images, targets, sources, log)
     header = {"split": config.evaluate.split, "data": data_fingerprint(config, manifest), "ipc": labels.ipc,
               "teacher": {"expert": labels.teacher_expert, "epoch": labels.teacher_epoch, "id": teacher_id},
