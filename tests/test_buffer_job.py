@@ -3,6 +3,7 @@ and a job killed with SIGKILL that resumes without restarting any expert from sc
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -103,15 +105,16 @@ def test_sigkill_mid_run_then_resume(ray_session, digits_shards, tmp_path, data)
                  f"data.cache={'memory' if data == 'cached' else 'none'}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")
-    job = subprocess.Popen(
-        [sys.executable, "-m", "jobs.buffer", config, *overrides], cwd=REPO_ROOT, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+    log_path = tmp_path / "job.log"
+    with open(log_path, "wb") as log:
+        job = subprocess.Popen(
+            [sys.executable, "-m", "jobs.buffer", config, *overrides], cwd=REPO_ROOT, env=env,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
     try:
-        saved = wait_for_saved_epochs(partial, experts=2, at_least=3, timeout=240)
+        saved = wait_for_saved_epochs(partial, job, log_path, experts=2, at_least=3, timeout=300)
     finally:
-        os.killpg(job.pid, signal.SIGKILL)
-        job.wait()
+        kill_with_everything_it_started(job)
     assert all(max(s) < epochs for s in saved.values()), f"an expert finished before the kill: {saved}"
 
     store_url = str(run_dir / "trajectories")
@@ -123,10 +126,29 @@ def test_sigkill_mid_run_then_resume(ray_session, digits_shards, tmp_path, data)
         assert started >= 2, f"expert {expert_id} restarted at epoch {started} (saved before the kill: {saved})"
 
 
-def wait_for_saved_epochs(partial: Path, experts: int, at_least: int, timeout: float) -> dict[int, list[int]]:
-    """Poll the store's partial folder until every expert has ``at_least`` epoch files."""
+def kill_with_everything_it_started(job: subprocess.Popen) -> None:
+    """SIGKILL the job and every process it started, as a lost node would. Its process group is not enough:
+    Ray's workers run in groups of their own and go on training for seconds after their raylet is gone
+    (long enough to finish an expert of these small epochs)."""
+    processes = [psutil.Process(job.pid)]
+    with contextlib.suppress(psutil.NoSuchProcess):
+        processes += processes[0].children(recursive=True)
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    psutil.wait_procs(processes, timeout=10)
+
+
+def wait_for_saved_epochs(
+    partial: Path, job: subprocess.Popen, log_path: Path, experts: int, at_least: int, timeout: float
+) -> dict[int, list[int]]:
+    """Poll the store's partial folder until every expert has ``at_least`` epoch files; a job that exits
+    or stalls first fails the test with the end of its log (what went wrong is otherwise invisible)."""
     deadline = time.time() + timeout
-    while time.time() < deadline:
+    saved: dict[int, list[int]] = {}
+    while time.time() < deadline and job.poll() is None:
         saved = {
             i: sorted(int(p.stem.removeprefix("epoch-")) for p in (partial / f"expert-{i:05d}").glob("epoch-*.safetensors"))
             for i in range(experts)
@@ -134,7 +156,9 @@ def wait_for_saved_epochs(partial: Path, experts: int, at_least: int, timeout: f
         if all(len(epochs) >= at_least for epochs in saved.values()):
             return saved
         time.sleep(0.2)
-    raise AssertionError(f"the job did not save {at_least} epochs per expert within {timeout} s")
+    tail = log_path.read_text(errors="replace")[-3000:]
+    state = f"exited with {job.returncode}" if job.poll() is not None else f"still running after {timeout} s"
+    raise AssertionError(f"the job {state} before saving {at_least} epochs per expert (saved: {saved}); its log ends:\n{tail}")
 
 
 def test_a_one_worker_ray_train_expert_equals_the_in_process_expert(ray_session, digits_shards, tmp_path):

@@ -215,7 +215,7 @@ def test_ray_reader_gives_the_in_memory_arrays(ray_session, modes_folder):
 
 def test_materialize_through_ray_equals_the_in_memory_reader(ray_session, modes_folder):
     config = DataConfig(shards=str(modes_folder), image_size=8)
-    through_ray, memory = materialize(config), load_in_memory(config)
+    through_ray, memory = materialize(config, local_below_bytes=0), load_in_memory(config)
     assert through_ray.keys == memory.keys
     assert torch.equal(through_ray.images, memory.images) and torch.equal(through_ray.labels, memory.labels)
     assert through_ray.class_names == memory.class_names

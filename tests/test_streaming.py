@@ -65,7 +65,8 @@ def test_one_epoch_order_whatever_reads_the_shards(ray_session, digits_shards):
     order = EpochOrder(seed=7, shuffle_buffer=64)
     sources = {"local": ShardReader(config), "local cache": CachedShards(ShardReader(config)),
                "ray": RayShardSource(config.model_copy(update={"cache": "none"})),
-               "ray cache": RayShardSource(config.model_copy(update={"cache": "memory"}))}
+               "ray cache": RayShardSource(config.model_copy(update={"cache": "memory"}), local_below_bytes=0),
+               "ray cache filled here": RayShardSource(config.model_copy(update={"cache": "memory"}))}
     assert not sources["ray"].cached and sources["ray cache"].cached
     orders = {name: keys_of(EpochStream(source, order, 32), 0) for name, source in sources.items()}
     reference = orders.pop("local")

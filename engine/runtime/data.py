@@ -28,6 +28,7 @@ from engine.data.memory import (
     check_columns,
     columns_for,
     in_memory_data,
+    load_in_memory,
 )
 from engine.data.shards import DataConfig, ShardSet, resolve_shards
 from engine.errors import DataError
@@ -35,6 +36,18 @@ from engine.storage import StorageConfig
 
 if TYPE_CHECKING:
     import ray.data
+
+# A split whose decoded pixels are at most this is decoded by the calling process itself: a Ray task
+# would first start a worker process (Python, numpy, PIL, the engine: 2-4 s on a small machine), while one
+# process decodes this much in about a second (some 5,000 32-px images/s, benchmarks/ingest.py).
+LOCAL_BELOW_BYTES = 32 * 2**20
+
+
+def decoded_bytes(shard_set: ShardSet, config: DataConfig, urls: Sequence[str] | None = None) -> int:
+    """Pixels of the split (or of the shards ``urls``) once decoded, from the manifest's counts."""
+    names = {url.rsplit("/", 1)[-1] for url in (shard_set.urls if urls is None else urls)}
+    samples = sum(s.num_samples for s in shard_set.manifest.shards_of(shard_set.split) if s.name in names)
+    return samples * config.sample_bytes(shard_set.modality)
 
 
 def read_shards(
@@ -112,13 +125,17 @@ def engine_error_from(text: str) -> errors.EngineError | None:
     return None
 
 
-def materialize(config: DataConfig, storage_config: StorageConfig | None = None) -> InMemoryData:
-    """``load_in_memory`` with the decoding spread over the Ray cluster (``read_shards``).
+def materialize(config: DataConfig, storage_config: StorageConfig | None = None, *,
+                local_below_bytes: int = LOCAL_BELOW_BYTES) -> InMemoryData:
+    """``load_in_memory`` with the decoding spread over the Ray cluster (``read_shards``); a split of at
+    most ``local_below_bytes`` decoded is read by this process (``load_in_memory`` itself).
 
     Rows come back in key order, which is the order ``load_in_memory`` reads them in, so both give
     the same tensors and a seeded run does not depend on which reader fed it.
     """
     shard_set = resolve_shards(config.shards, config.split, storage_config)
+    if decoded_bytes(shard_set, config) <= local_below_bytes:
+        return load_in_memory(config, storage_config)
     columns = columns_for(shard_set.modality, config.tokenizer)
     dataset = read_shard_set(shard_set, config, storage_config, columns=columns)
     with shard_errors():
@@ -189,7 +206,8 @@ class RayShardSource:
 
     - With the cache (``data.cache``), one Ray task per shard decodes it once and the result stays in the
       object store: every expert trial on the cluster reads it from there, none decodes it again, and no
-      process holds more than a shard.
+      process holds more than a shard. A split of at most ``local_below_bytes`` decoded is decoded by
+      this process, shard after shard, each put in the object store.
     - Without it, a driver's pass (the input-transform fit, coreset embeddings...) has Ray Data read and
       decode the shards in parallel across the cluster, streamed in the asked order.
     - Without it, inside a worker that holds CPUs (an expert's Ray Train worker or trial), the worker
@@ -201,8 +219,10 @@ class RayShardSource:
     """
 
     def __init__(self, config: DataConfig, storage_config: StorageConfig | None = None,
-                 columns: Sequence[str] | None = None, keep: frozenset[str] | None = None):
+                 columns: Sequence[str] | None = None, keep: frozenset[str] | None = None, *,
+                 local_below_bytes: int = LOCAL_BELOW_BYTES):
         self.config, self.storage_config, self.keep = config, storage_config, keep
+        self.local_below_bytes = local_below_bytes
         self.shard_set = resolve_shards(config.shards, config.split, storage_config)
         self.columns = tuple(columns or columns_for(self.shard_set.modality, config.tokenizer))
         self.urls = {url.rsplit("/", 1)[-1]: url for url in self.shard_set.urls}
@@ -221,11 +241,12 @@ class RayShardSource:
         references are kept here. Called before expert trials start, so none waits on a decode task."""
         import ray
 
+        missing = [name for name in self.urls if name not in self._refs]
+        here = decoded_bytes(self.shard_set, self.config, [self.urls[n] for n in missing]) <= self.local_below_bytes
         decode = ray.remote(_decode_shard)
-        for name in self.urls:
-            if name not in self._refs:
-                self._refs[name] = decode.remote(self.config, self.storage_config, self.columns, self.shard_set,
-                                                 self.urls[name], self.keep)
+        for name in missing:
+            args = (self.config, self.storage_config, self.columns, self.shard_set, self.urls[name], self.keep)
+            self._refs[name] = ray.put(_decode_shard(*args)) if here else decode.remote(*args)
         with shard_errors():
             ray.get(list(self._refs.values()))
 
