@@ -26,6 +26,8 @@ import torch
 from engine import storage
 from engine.data import decode
 from engine.data.shards import DataConfig, ShardSet, resolve_shards
+from engine.resources import ResourcesConfig
+from engine.runtime.cluster import init_ray
 from engine.runtime.data import read_shard_set, shard_errors
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -108,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
     config = DataConfig(shards=args.shards, image_size=args.image_size)
     shard_set = first_shards(config, args.limit_shards)
-    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    init_ray(ResourcesConfig(num_cpus=args.num_cpus), quiet=True)  # the engine's local cluster, as jobs start it
     try:
         cold = time_it(lambda: ray_pass(shard_set, config))
         warm = median_of(args.repeats, lambda: ray_pass(shard_set, config))
