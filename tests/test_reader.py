@@ -215,10 +215,12 @@ def test_ray_reader_gives_the_in_memory_arrays(ray_session, modes_folder):
 
 def test_materialize_through_ray_equals_the_in_memory_reader(ray_session, modes_folder):
     config = DataConfig(shards=str(modes_folder), image_size=8)
-    through_ray, memory = materialize(config, local_below_bytes=0), load_in_memory(config)
-    assert through_ray.keys == memory.keys
-    assert torch.equal(through_ray.images, memory.images) and torch.equal(through_ray.labels, memory.labels)
-    assert through_ray.class_names == memory.class_names
+    memory = load_in_memory(config)
+    for local_below_bytes in (0, 2**30):  # decoded by Ray tasks, and by this process (a small split)
+        through_ray = materialize(config, local_below_bytes=local_below_bytes)
+        assert through_ray.keys == memory.keys
+        assert torch.equal(through_ray.images, memory.images) and torch.equal(through_ray.labels, memory.labels)
+        assert through_ray.class_names == memory.class_names
 
 
 def test_truncated_image_names_shard_and_key(ray_session, tmp_path):

@@ -28,7 +28,6 @@ from engine.data.memory import (
     check_columns,
     columns_for,
     in_memory_data,
-    load_in_memory,
 )
 from engine.data.shards import DataConfig, ShardSet, resolve_shards
 from engine.errors import DataError
@@ -132,15 +131,16 @@ def engine_error_from(text: str) -> errors.EngineError | None:
 def materialize(config: DataConfig, storage_config: StorageConfig | None = None, *,
                 local_below_bytes: int = LOCAL_BELOW_BYTES) -> InMemoryData:
     """``load_in_memory`` with the decoding spread over the Ray cluster (``read_shards``); a split of at
-    most ``local_below_bytes`` decoded is read by this process (``load_in_memory`` itself).
+    most ``local_below_bytes`` decoded is read by this process (with ``load_in_memory``'s reader).
 
     Rows come back in key order, which is the order ``load_in_memory`` reads them in, so both give
     the same tensors and a seeded run does not depend on which reader fed it.
     """
     shard_set = resolve_shards(config.shards, config.split, storage_config)
-    if decoded_bytes(shard_set, config) <= local_below_bytes:
-        return load_in_memory(config, storage_config)
     columns = columns_for(shard_set.modality, config.tokenizer)
+    if decoded_bytes(shard_set, config) <= local_below_bytes:
+        reader = ShardReader(config, storage_config, columns, shard_set)
+        return in_memory_data(list(reader.decoded(reader.shard_names())), columns, shard_set)
     dataset = read_shard_set(shard_set, config, storage_config, columns=columns)
     with shard_errors():
         batches = list(dataset.iter_batches(batch_size=None, batch_format="numpy"))
